@@ -1,0 +1,5 @@
+import sys
+
+from bonefrac.cli.main import main
+
+sys.exit(main())

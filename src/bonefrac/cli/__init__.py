@@ -1,0 +1,1 @@
+"""Command-line interface: ``bonefrac <command>``; each command lives in its own module."""

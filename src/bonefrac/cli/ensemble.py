@@ -1,0 +1,35 @@
+"""``bonefrac ensemble fit``: weighted probability fusion of trained runs."""
+
+from __future__ import annotations
+
+from bonefrac.cli.common import add_policy_arg, load_index_args
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    f = sub.add_parser("fit", help="fit calibration, fusion weights and threshold on the "
+                                   "VALIDATION split, export ONNX, evaluate on test")
+    f.add_argument("--members", nargs="+", required=True, metavar="RUN",
+                   help="trained run folders; the first is the baseline for comparison.md")
+    f.add_argument("--data", required=True)
+    f.add_argument("--out", required=True, help="ensemble folder to write")
+    f.add_argument("--fit-weights", nargs="?", const="logloss", default=None,
+                   choices=["logloss", "auc"],
+                   help="grid-search the fusion weights on validation (default: equal)")
+    f.add_argument("--model-id", default=None)
+    f.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    add_policy_arg(f)
+
+
+def run(args) -> int:
+    from bonefrac.training.fit import fit_ensemble
+
+    index = load_index_args(args)
+    res = fit_ensemble(args.members, index, args.out, fit_weights=args.fit_weights,
+                       policy=args.threshold_policy, model_id=args.model_id,
+                       export_onnx=not args.no_onnx)
+    print(res["comparison"]["claim"])
+    m = res["metrics"]
+    print(f"ensemble test AUC {m['roc_auc']['value']:.4f}, sensitivity "
+          f"{m['sensitivity']['value']:.3f}, specificity {m['specificity']['value']:.3f}")
+    return 0

@@ -1,0 +1,56 @@
+"""``bonefrac train``: two-stage transfer learning of one member."""
+
+from __future__ import annotations
+
+from bonefrac.cli.common import add_policy_arg
+
+
+def add_arguments(p) -> None:
+    from bonefrac.training.config import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--data", required=True, help="folder with fractured/ and non_fractured/")
+    p.add_argument("--out", required=True, help="run folder to create, e.g. runs/mnv2")
+    p.add_argument("--arch", default=d.arch,
+                   help="mobilenetv2, efficientnet_lite0 (offline ImageNet weights) or "
+                        "efficientnet_b0 (no package ships its ImageNet weights: pass "
+                        "--weights FILE, or have network access, or --weights none)")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet', a state-dict FILE (.safetensors / .pth, read without "
+                        "pickle), or 'none' for random initialisation")
+    p.add_argument("--epochs-frozen", type=int, default=d.epochs_frozen)
+    p.add_argument("--epochs-finetune", type=int, default=d.epochs_finetune)
+    p.add_argument("--unfreeze-blocks", type=int, default=d.unfreeze_blocks,
+                   help="how many top backbone blocks stage 2 fine-tunes")
+    p.add_argument("--views", type=int, default=d.views,
+                   help="cached views per training image: 1 clean + N-1 augmented")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr-frozen", type=float, default=d.lr_frozen)
+    p.add_argument("--lr-finetune", type=float, default=d.lr_finetune)
+    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience")
+    p.add_argument("--hidden", type=int, default=d.hidden, help="head's dense width")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use at most N images per split (smoke tests)")
+    p.add_argument("--size", type=int, default=None, help="override the input size (smoke tests)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    add_policy_arg(p)
+
+
+def run(args) -> int:
+    from bonefrac.training import TrainConfig, train
+
+    weights = None if args.weights.lower() == "none" else args.weights
+    if args.arch == "efficientnet_b0" and weights == "imagenet":
+        print("note: efficientnet_b0 ImageNet weights ship in no package here; trying "
+              "torchvision's download (pass --weights FILE to use your own file).")
+    cfg = TrainConfig(
+        arch=args.arch, weights=weights, epochs_frozen=args.epochs_frozen,
+        epochs_finetune=args.epochs_finetune, unfreeze_blocks=args.unfreeze_blocks,
+        views=args.views, batch_size=args.batch_size, lr_frozen=args.lr_frozen,
+        lr_finetune=args.lr_finetune, patience=args.patience, hidden=args.hidden,
+        dropout=args.dropout, seed=args.seed, max_images=args.max_images, size=args.size,
+        threshold_policy=args.threshold_policy)
+    train(args.data, args.out, cfg, resume=args.resume)
+    return 0

@@ -1,0 +1,253 @@
+"""Index a labelled folder (``fractured/`` + ``non_fractured/``) into leakage-safe splits.
+
+``manifest.csv`` (path,label,split or orig_split) and ``groups.csv`` (path,group_id,...) beside the
+class folders are honoured. Without a manifest, a stratified split is built in which near-duplicate
+images (perceptual-hash neighbours: rotated / zoomed / re-encoded copies) stay together.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bonefrac import CLASSES
+from bonefrac.data.io import ImageReadError, load_gray
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test"}
+
+
+@dataclass
+class Sample:
+    path: Path
+    rel: str  # path relative to the data root, the sample's stable id
+    label: int  # index into CLASSES; 1 = fractured
+    split: str = ""
+    group: str = ""
+    attrs: dict[str, str] = field(default_factory=dict)  # extra manifest/groups columns
+
+
+@dataclass
+class DatasetIndex:
+    root: Path
+    samples: list[Sample]
+    source: str  # how the split was obtained
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    def summary(self) -> str:
+        lines = [f"data: {self.root}  ({len(self.samples)} images; split from {self.source})"]
+        for sp in SPLITS:
+            c = Counter(s.label for s in self.split(sp))
+            n_groups = len({s.group for s in self.split(sp)})
+            lines.append(f"  {sp:5s}: {sum(c.values()):5d} images in {n_groups:5d} groups  "
+                         f"fractured={c[1]}  non_fractured={c[0]}")
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} unreadable file(s):")
+            lines += [f"    {f}: {r}" for f, r in self.skipped]
+        return "\n".join(lines)
+
+    def fingerprint(self) -> str:
+        """sha256 over (path, label, split): names exactly which data a model was fitted on."""
+        h = hashlib.sha256()
+        for s in sorted(self.samples, key=lambda s: s.rel):
+            h.update(f"{s.rel}\t{s.label}\t{s.split}\n".encode())
+        return h.hexdigest()
+
+
+def scan_folder(root: str | os.PathLike) -> list[Sample]:
+    """All image files under ``root/<class>/`` (recursively), labelled by class folder."""
+    root = Path(root)
+    missing = [c for c in CLASSES if not (root / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{root}: expected class folders {CLASSES}; missing {missing}")
+    out = []
+    for label, cls in enumerate(CLASSES):
+        for p in sorted((root / cls).rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                out.append(Sample(p, p.relative_to(root).as_posix(), label))
+    return out
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
+
+
+def load_index(root: str | os.PathLike, *, seed: int = 0, val_frac: float = 0.1,
+               test_frac: float = 0.1, all_test: bool = False) -> DatasetIndex:
+    """Index ``root`` and assign every sample a split and a group.
+
+    Args:
+        all_test: external validation: every image goes to ``test`` (no split is made).
+    """
+    root = Path(root)
+    samples = scan_folder(root)
+    groups = _read_csv(root / "groups.csv") if (root / "groups.csv").exists() else {}
+    manifest = _read_csv(root / "manifest.csv") if (root / "manifest.csv").exists() else {}
+    for s in samples:
+        row = {**manifest.get(s.rel, {}), **groups.get(s.rel, {})}
+        s.group = row.get("group_id") or ""
+        s.attrs = {k: v for k, v in row.items() if k not in ("path", "label", "sha256")}
+        if manifest and s.rel in manifest:
+            m = manifest[s.rel]
+            if m.get("label") and m["label"] != CLASSES[s.label]:
+                raise ValueError(f"{root / 'manifest.csv'}: {s.rel} is labelled {m['label']} "
+                                 f"but lies in {CLASSES[s.label]}/")
+            s.split = _SPLIT_ALIASES.get((m.get("split") or m.get("orig_split") or "").lower(), "")
+
+    if all_test:
+        for s in samples:
+            s.split = "test"
+            s.group = s.group or s.rel
+        return DatasetIndex(root, samples, "all images as test (external validation)")
+
+    if not groups:
+        for s, g in zip(samples, near_duplicate_groups([s.path for s in samples]), strict=True):
+            s.group = g
+    for s in samples:
+        s.group = s.group or s.rel
+
+    if manifest and all(s.split for s in samples):
+        source = "manifest.csv"
+        check_no_group_straddles(samples)
+    else:
+        stratified_group_split(samples, seed=seed, val_frac=val_frac, test_frac=test_frac)
+        source = f"stratified group split (seed={seed}, val={val_frac}, test={test_frac})"
+    return DatasetIndex(root, samples, source)
+
+
+def check_no_group_straddles(samples: Sequence[Sample]) -> None:
+    splits: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        splits[s.group].add(s.split)
+    bad = {g: sorted(v) for g, v in splits.items() if len(v) > 1}
+    if bad:
+        g, v = next(iter(bad.items()))
+        raise ValueError(f"{len(bad)} near-duplicate group(s) straddle splits, e.g. {g} in {v}")
+
+
+def stratified_group_split(samples: Sequence[Sample], *, seed: int, val_frac: float,
+                           test_frac: float) -> None:
+    """Assign whole groups to splits, per majority label, so each split keeps the class mix."""
+    by_group: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_group[s.group].append(s)
+    rng = random.Random(seed)
+    for label in range(len(CLASSES)):
+        gs = sorted(g for g, m in by_group.items()
+                    if Counter(x.label for x in m).most_common(1)[0][0] == label)
+        rng.shuffle(gs)
+        total = sum(len(by_group[g]) for g in gs)
+        want = {"test": test_frac * total, "val": val_frac * total}
+        got = Counter()
+        for g in gs:
+            sp = next((k for k in ("test", "val") if got[k] + len(by_group[g]) / 2 < want[k]),
+                      "train")
+            got[sp] += len(by_group[g])
+            for s in by_group[g]:
+                s.split = sp
+
+
+def phash(gray: np.ndarray) -> np.ndarray:
+    """64-bit DCT perceptual hash of a grayscale image, as 8 packed bytes."""
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(gray).resize((32, 32), Image.BILINEAR), dtype=np.float64)
+    n = np.arange(32)
+    dct = np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / 64)  # DCT-II basis, rows = freq
+    coef = (dct @ small @ dct.T)[:8, :8].ravel()
+    return np.packbits(coef > np.median(coef[1:]))
+
+
+def near_duplicate_groups(paths: Sequence[Path], max_bits: int = 10) -> list[str]:
+    """Union-find over pHash neighbours (Hamming distance <= ``max_bits`` of 64).
+
+    Unreadable files get their own group. Returns one group id per path.
+    """
+    def h(p: Path) -> np.ndarray:
+        try:
+            return phash(load_gray(p, 64))
+        except ImageReadError:
+            return np.full(8, -1, dtype=np.int16)  # never within max_bits of a real hash
+
+    with ThreadPoolExecutor() as ex:
+        hashes = list(ex.map(h, paths))
+    bits = np.unpackbits(np.stack([np.clip(x, 0, 255).astype(np.uint8) for x in hashes]), axis=1)
+    valid = np.array([x[0] >= 0 for x in hashes])
+    parent = list(range(len(paths)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    b = bits.astype(np.int16)
+    for i in range(len(paths)):
+        if not valid[i]:
+            continue
+        d = np.abs(b[i + 1:] - b[i]).sum(axis=1)
+        for j in np.nonzero((d <= max_bits) & valid[i + 1:])[0] + i + 1:
+            parent[find(int(j))] = find(i)
+    return [f"phash_{find(i):06d}" for i in range(len(paths))]
+
+
+def decode_all(samples: Sequence[Sample], size: int, *, desc: str = "decoding",
+               cache_dir: str | os.PathLike | None = None
+               ) -> tuple[np.ndarray, list[Sample], list[tuple[str, str]]]:
+    """Decode samples to ``(N, size, size)`` uint8, skipping unreadable files.
+
+    Returns (images, kept samples, skipped (file, reason)). With ``cache_dir`` the decoded array
+    is kept in a ``.npz`` keyed by paths, sizes and mtimes, so later runs skip decoding.
+    """
+    from tqdm.auto import tqdm
+
+    key = hashlib.sha256(str(size).encode())
+    for s in samples:
+        st = s.path.stat() if s.path.exists() else None
+        key.update(f"{s.path}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
+    cache = Path(cache_dir) / f"decoded_{key.hexdigest()[:24]}.npz" if cache_dir else None
+    if cache and cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        kept_rel = set(z["kept"].tolist())
+        kept = [s for s in samples if s.rel in kept_rel]
+        skipped = [tuple(x) for x in z["skipped"].tolist()]
+        return z["images"], kept, skipped
+
+    def one(s: Sample):
+        try:
+            return load_gray(s.path, size), None
+        except ImageReadError as e:
+            return None, e.reason
+
+    images, kept, skipped = [], [], []
+    with ThreadPoolExecutor() as ex:
+        for s, (img, err) in zip(samples, tqdm(ex.map(one, samples), total=len(samples),
+                                                desc=desc, unit="img"), strict=True):
+            if err is None:
+                images.append(img)
+                kept.append(s)
+            else:
+                skipped.append((str(s.path), err))
+    arr = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+    if cache:
+        from bonefrac.utils import atomic_write
+
+        with atomic_write(cache, "wb") as f:
+            np.savez(f, images=arr, kept=np.array([s.rel for s in kept] or [""])[:len(kept)],
+                     skipped=np.array(skipped or [("", "")])[:len(skipped)].reshape(-1, 2))
+    return arr, kept, skipped

@@ -1,0 +1,173 @@
+"""Evaluate a run or ensemble folder on a labelled data set and write its ``Results/``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonefrac import DISCLAIMER
+from bonefrac.data.dataset import DatasetIndex, Sample, decode_all
+from bonefrac.evaluation import plots
+from bonefrac.evaluation.calibration import calibrated_prob
+from bonefrac.evaluation.metrics import (
+    binary_metrics,
+    brier_score,
+    expected_calibration_error,
+    log_loss,
+)
+from bonefrac.evaluation.report import write_split_results
+from bonefrac.evaluation.thresholds import choose_threshold
+from bonefrac.inference.ensemble import Ensemble, fuse
+from bonefrac.utils import cache_dir, write_json
+
+
+@dataclass
+class SplitOutputs:
+    samples: list[Sample]
+    y: np.ndarray  # (N,)
+    logits: dict[str, np.ndarray]  # member -> (N, 2)
+    skipped: list[tuple[str, str]]
+
+
+def collect(ens: Ensemble, samples: Sequence[Sample], desc: str, batch: int = 64
+            ) -> SplitOutputs:
+    """Decode ``samples`` (skipping unreadable files) and run every member on them."""
+    gray, kept, skipped = {}, None, []
+    for size in sorted(ens.sizes):
+        gray[size], kept, skipped = decode_all(samples, size, desc=desc,
+                                               cache_dir=cache_dir() / "decoded")
+    logits: dict[str, list] = {m.name: [] for m in ens.members}
+    n = len(kept)
+    for i in range(0, n, batch):
+        out = ens.member_logits({s: g[i:i + batch] for s, g in gray.items()})
+        for name, (lg, _) in out.items():
+            logits[name].append(lg)
+    return SplitOutputs(kept, np.array([s.label for s in kept], dtype=np.int64),
+                        {k: np.concatenate(v) if v else np.zeros((0, 2)) for k, v in
+                         logits.items()}, skipped)
+
+
+def member_probs(ens: Ensemble, logits: dict[str, np.ndarray], calibrated: bool = True
+                 ) -> dict[str, np.ndarray]:
+    return {m.name: calibrated_prob(logits[m.name], m.temperature if calibrated else 1.0)
+            for m in ens.members}
+
+
+def threshold_note(ens: Ensemble, *, split: str, refit: str | None = None) -> str:
+    meta = ens.meta
+    lines = [f"Decision threshold for {ens.model_id}", ""]
+    if refit:
+        lines += [f"threshold = {ens.threshold:.4f}, RE-TUNED ON THE EVALUATED DATA ({refit}).",
+                  "This makes the metrics below optimistic: the threshold has seen these labels."]
+    else:
+        lines += [
+            f"threshold = {ens.threshold:.4f} on the fused, calibrated P(fractured).",
+            f"Policy: {meta.get('threshold_policy', '?')} - {meta.get('threshold_how', '')}.",
+            f"Chosen on the VALIDATION split ({meta.get('fitted_on', {}).get('val_n', '?')} "
+            f"images) only; the {split} split was never used to choose it.",
+            "Why this policy: a missed fracture (false negative) is the costlier error, so the "
+            "default keeps sensitivity >= 0.95 on validation and takes the highest specificity "
+            "that allows."]
+    if ens.operating_points:
+        lines += ["", "Named operating points (also chosen on validation):"]
+        for name, op in ens.operating_points.items():
+            lines.append(f"  {name:13s} t={op['threshold']:.4f}  {op['policy']:18s} "
+                         f"{op['description']}")
+    lines += ["", DISCLAIMER]
+    return "\n".join(lines)
+
+
+def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "test",
+                   out: str | Path | None = None, refit_threshold: bool = False,
+                   subgroup: str | None = None, backend: str = "auto") -> dict:
+    """Write the full artifact set for ``model_dir`` on ``index``'s ``split`` and return metrics.
+
+    The model's stored threshold and operating points are used as they are (chosen on its
+    validation split); ``refit_threshold`` re-tunes them on the evaluated data and says so.
+    """
+    ens = Ensemble.load(model_dir, backend=backend)
+    is_ens = len(ens.members) > 1
+    sfx = "_ensemble" if is_ens else ""
+    res = Path(out) if out else Path(model_dir) / "Results"
+    res.mkdir(parents=True, exist_ok=True)
+    so = collect(ens, index.split(split), desc=f"evaluating {split}")
+    if len(so.y) == 0:
+        raise ValueError(f"no readable images in split {split!r} of {index.root}")
+    probs = member_probs(ens, so.logits)
+    p = fuse(probs, ens.weights)
+    p_raw = fuse(member_probs(ens, so.logits, calibrated=False), ens.weights)
+    refit = None
+    if refit_threshold:
+        ens.threshold, how = choose_threshold(so.y, p, ens.meta.get("threshold_policy",
+                                                                    "sensitivity:0.95"))
+        refit = f"{split} split of {index.root}: {how}"
+    title = f"{ens.model_id} ({split}, n={len(so.y)})"
+    roc = {**probs, "ensemble (fused)": p} if is_ens else None
+    metrics = write_split_results(res, so.y, p, ens.threshold,
+                                  threshold_note(ens, split=split, refit=refit),
+                                  suffix=sfx, title=title, roc_probs=roc)
+    ops = {name: {**op, "metrics": binary_metrics(so.y, p, op["threshold"])}
+           for name, op in ens.operating_points.items()}
+    if ops:
+        plots.plot_threshold_robustness(so.y, p, res / "threshold_robustness.png",
+                                        f"{ens.model_id} on {split}",
+                                        {k: v["threshold"] for k, v in ops.items()})
+    calibration = {name: {"ece_15": expected_calibration_error(so.y, q),
+                          "brier": brier_score(so.y, q), "nll": log_loss(so.y, q)}
+                   for name, q in (("before", p_raw), ("after", p))}
+    plots.plot_reliability(so.y, {"before calibration": p_raw, "after calibration": p},
+                           res / "reliability_diagram.png", f"Reliability - {ens.model_id}")
+    _write_curves(ens, Path(model_dir), res, prefix=is_ens)
+    result = {
+        "model_id": ens.model_id, "data": str(index.root), "split": split,
+        "split_source": index.source, "n": int(len(so.y)),
+        "threshold": ens.threshold, "threshold_refit_on_this_data": bool(refit),
+        "metrics": metrics, "operating_points": ops, "calibration": calibration,
+        "members": {n: binary_metrics(so.y, q, ens.members[i].spec.get("threshold",
+                                                                        ens.threshold))
+                    for i, (n, q) in enumerate(probs.items())} if is_ens else {},
+        "skipped": [{"file": f, "reason": r} for f, r in so.skipped],
+        "disclaimer": DISCLAIMER,
+    }
+    if subgroup:
+        result["subgroups"] = subgroup_metrics(so, p, ens.threshold, subgroup)
+    if is_ens:
+        from bonefrac.evaluation.comparison import write_comparison
+
+        result["comparison"] = write_comparison(res, ens, so.y, probs, p, split)
+    write_json(res / "metrics.json", result)
+    write_json(res / "predictions.json", [
+        {"file": s.rel, "label": int(y), "prob": float(q),
+         **{f"prob_{n}": float(v[i]) for n, v in probs.items()}}
+        for i, (s, y, q) in enumerate(zip(so.samples, so.y, p, strict=True))])
+    return result
+
+
+def subgroup_metrics(so: SplitOutputs, p: np.ndarray, threshold: float, column: str) -> dict:
+    """Metrics (with CIs) per value of a manifest/groups column; missing values -> '(none)'."""
+    keys = [s.attrs.get(column) or "(none)" for s in so.samples]
+    if all(k == "(none)" for k in keys):
+        raise ValueError(f"no sample has a value in column {column!r}")
+    out = {}
+    for k in sorted(set(keys)):
+        m = np.array([x == k for x in keys])
+        out[k] = binary_metrics(so.y[m], p[m], threshold)
+    return out
+
+
+def _write_curves(ens: Ensemble, model_dir: Path, res: Path, prefix: bool) -> None:
+    """accuracy.png / loss.png per member from its saved training history."""
+    for m in ens.members:
+        hist_file = model_dir / m.spec.get("history", "history.json")
+        if not hist_file.is_file():
+            continue
+        hist = json.loads(hist_file.read_text())
+        pre = f"{m.name}_" if prefix else ""
+        for key in ("accuracy", "loss"):
+            plots.plot_curve(hist, key, res / f"{pre}{key}.png", f"{m.name}: {key}")
+
+

@@ -1,0 +1,74 @@
+"""ONNX export: one graph per member with outputs ``logits`` (N, 2) and ``cam`` (N, h, w).
+
+The CAM output is the closed-form Grad-CAM of the fracture logit (see ``Head.cam_weights``), so
+``bonefrac predict --explain`` needs no autograd and no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bonefrac.inference.ensemble import META_NAME, run_meta_as_ensemble
+from bonefrac.models.net import FractureNet
+from bonefrac.utils import sha256_file, write_json
+
+OPSET = 17
+
+
+class _WithCam(nn.Module):
+    def __init__(self, model: FractureNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_cam(x)
+
+
+def export_member(model: FractureNet, path: str | Path) -> str:
+    """Write ``model`` as ONNX (dynamic batch axis) atomically; return the file's sha256."""
+    path = Path(path)
+    size = model.preprocessing.size
+    wrapper = _WithCam(model).eval()  # eval on the wrapper too, or BN/dropout export in train mode
+    tmp = path.with_name(f".{path.name}.tmp")
+    # The TorchScript-based exporter: 2 s here vs ~25 s for the dynamo exporter, same numerics.
+    torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(tmp),
+                      input_names=["input"], output_names=["logits", "cam"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"},
+                                    "cam": {0: "batch"}},
+                      opset_version=OPSET, dynamo=False)
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+def export_model(model_dir: str | Path, out: str | Path) -> Path:
+    """Export a run or an ensemble folder to ``out`` (ONNX per member + ``ensemble_meta.json``).
+
+    Safetensors weights, histories and the meta are carried along, so the exported folder is
+    complete: it predicts without torch and can still be evaluated or re-exported with torch.
+    """
+    from bonefrac.inference.ensemble import Ensemble
+
+    src, out = Path(model_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (src / META_NAME).is_file():
+        meta = json.loads((src / META_NAME).read_text())
+    else:
+        meta = run_meta_as_ensemble(src)
+    ens = Ensemble.load(src, backend="torch")
+    for m, spec in zip(ens.members, meta["members"], strict=True):
+        onnx_name = f"{m.name}.onnx"
+        spec["onnx"], spec["onnx_sha256"] = onnx_name, export_member(m.runner.model,
+                                                                     out / onnx_name)
+        for key in ("weights", "history"):
+            f = spec.get(key)
+            if f and (src / f).resolve() != (out / f).resolve():
+                shutil.copy2(src / f, out / f)
+        spec["weights_sha256"] = sha256_file(out / spec["weights"])
+    meta["format"] = "bonefrac-ensemble/1"
+    write_json(out / META_NAME, meta)
+    return out

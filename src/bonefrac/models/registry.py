@@ -1,0 +1,48 @@
+"""Name -> backbone builder, in the spirit of timm's ``create_model``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bonefrac.models.net import Backbone, FractureNet
+
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_model(name: str, description: str = "") -> Callable:
+    def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        _REGISTRY[name] = fn
+        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
+        return fn
+
+    return deco
+
+
+def list_models() -> dict[str, str]:
+    _ensure_loaded()
+    return dict(_DESCRIPTIONS)
+
+
+def create_model(name: str, weights: str | None = "imagenet", *, hidden: int = 256,
+                 dropout: float = 0.3) -> FractureNet:
+    """Build a fracture classifier: a named backbone + GAP -> Dense+ReLU -> Dropout -> Dense(2).
+
+    Args:
+        name: a registered architecture (see :func:`list_models`).
+        weights: ``"imagenet"`` (the offline ImageNet weights for that backbone), a path to an
+            ImageNet state-dict file (.safetensors, or .pth read with ``weights_only=True``), or
+            ``None``/``"none"`` for random initialisation.
+    """
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown architecture {name!r}; choose from {sorted(_REGISTRY)}")
+    if isinstance(weights, str) and weights.lower() == "none":
+        weights = None
+    backbone = _REGISTRY[name](weights=weights)
+    return FractureNet(name, backbone, hidden=hidden, dropout=dropout)
+
+
+def _ensure_loaded() -> None:
+    # Importing the modules registers their architectures.
+    from bonefrac.models import efficientnet, mobilenetv2  # noqa: F401

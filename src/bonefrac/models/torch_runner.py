@@ -1,0 +1,30 @@
+"""PyTorch execution of one member, with the same interface as the ONNX runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonefrac.models.net import FractureNet
+
+
+class TorchRunner:
+    def __init__(self, model: FractureNet):
+        self.model = model.eval()
+
+    @classmethod
+    def from_spec(cls, root: Path, spec: dict) -> TorchRunner:
+        from bonefrac.models.net import load_member
+
+        return cls(load_member(spec["arch"], spec["config"], root / spec["weights"],
+                               spec["preprocessing"]))
+
+    @torch.inference_mode()
+    def run(self, x: np.ndarray, want_cam: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        if want_cam:
+            logits, cam = self.model.forward_with_cam(xt)
+            return logits.numpy(), cam.numpy()
+        return self.model(xt).numpy(), None
