@@ -16,11 +16,14 @@ from bonefrac import DISCLAIMER, __version__
 # command name -> module in bonefrac.cli with add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "predict": ("predict", "predict P(fracture) for images, DICOM files or folders (ONNX)"),
+    "merge-predictions": ("merge", "join the outputs of `predict --shard K/N` runs"),
     "train": ("train", "train a member by two-stage transfer learning (needs [train])"),
     "evaluate": ("evaluate", "evaluate a run or ensemble on a labelled folder"),
     "ensemble": ("ensemble", "fit an ensemble from trained runs (needs [train])"),
     "export": ("export", "export a run or ensemble to ONNX (needs [train])"),
     "models": ("models", "list the registered architectures"),
+    "report": ("report", "self-contained HTML report + MODEL_CARD.md from evaluation results"),
+    "serve": ("serve", "REST API and web page with heat maps (needs [serve])"),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3

@@ -2,20 +2,36 @@
 
 This is the single decoding path for training, evaluation, export checks and ONNX prediction,
 so a model always sees pixels prepared exactly as in training. It imports no torch.
+
+Files are treated as hostile: the format is sniffed from the content (never the name), only
+formats a radiograph arrives in are parsed, the pixel count is checked before any decoding,
+and truncated files are refused rather than half-decoded.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# A radiograph is at most a few tens of megapixels; anything bigger is refused, not decoded
-# (Pillow's own bomb check would only warn below 2x its limit).
+# A radiograph is at most a few tens of megapixels; anything bigger is refused, not decoded.
+# Pillow raises its own DecompressionBombError above 2x this at open(); between 1x and 2x it
+# only warns, and decode_pil refuses those from the header, so its warning would only be noise.
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Smaller than any radiograph worth classifying (icons, placeholders, 1x1 tracking pixels).
+MIN_SIDE = 16
+# Formats hospital and research exports come in. Pillow's other plugins (TGA, ICO, PSD, ...)
+# are never radiographs, widen the attack surface, and some (TGA) accept random bytes.
+FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "GIF", "WEBP", "JPEG2000", "PPM", "AVIF",
+           "HEIF")
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 class ImageReadError(Exception):
@@ -27,11 +43,24 @@ class ImageReadError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+class ImageRefused(ValueError):
+    """A readable image that is refused on purpose (too large, too small, not an image, ...).
+
+    The message is the whole reason; :func:`load_gray` adds the file name.
+    """
+
+
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
     """Grayscale 'L' from any Pillow mode; 16-bit and float data are rescaled, not clipped."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
+    if im.mode in _HIGH_BIT_MODES:
+        # Min-max over finite values: a 16-bit export of an 8-bit image (x * 257) maps back
+        # exactly, and NaN/inf in float TIFFs cannot poison the range.
+        a = np.asarray(im).astype(np.float64)
+        finite = np.isfinite(a)
+        if not finite.any():
+            raise ImageRefused(f"{im.mode} image has no finite pixel values")
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+        a = np.where(finite, a, lo)
         a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
         return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -42,36 +71,62 @@ def _to_8bit_gray(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
+def check_dimensions(width: int, height: int) -> None:
+    """Refuse, from the header alone, images too large to decode safely or too small to use."""
+    if width * height > MAX_PIXELS:
+        raise ImageRefused(f"image too large: {width}x{height} = {width * height:,} pixels, over "
+                           f"the {MAX_PIXELS:,}-pixel cap (possible decompression bomb); "
+                           "not decoded")
+    if min(width, height) < MIN_SIDE:
+        raise ImageRefused(f"image too small: {width}x{height} pixels (at least "
+                           f"{MIN_SIDE}x{MIN_SIDE} needed)")
+
+
 def decode_pil(im: Image.Image, size: int) -> np.ndarray:
-    """Pillow image -> ``(size, size)`` uint8 grayscale (EXIF-oriented, bilinear, antialiased)."""
-    if im.width * im.height > MAX_PIXELS:
-        raise ValueError(f"image is {im.width}x{im.height}, over the {MAX_PIXELS:,}-pixel cap")
+    """Pillow image -> ``(size, size)`` uint8 grayscale (EXIF-oriented, bilinear, antialiased).
+
+    ``im`` may be lazily opened: its size is checked before any pixel is decoded.
+    """
+    check_dimensions(im.width, im.height)
     if im.format == "JPEG" and im.mode in ("L", "RGB", "CMYK", "YCbCr"):
         # Let libjpeg decode at a reduced scale (>= size): several times faster on big films.
         im.draft("L" if im.mode == "L" else "RGB", (size, size))
     im = ImageOps.exif_transpose(im)
     gray = _to_8bit_gray(im)
-    if gray.width < 2 or gray.height < 2:
-        raise ValueError(f"image is only {gray.width}x{gray.height} pixels")
     return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def load_gray(path: str | os.PathLike, size: int = 224) -> np.ndarray:
-    """Read an image file and return it as a ``(size, size)`` uint8 array.
+    """Read an image or DICOM file and return it as a ``(size, size)`` uint8 array.
+
+    The format comes from the content, so a PNG named ``.jpg`` or a DICOM file with no
+    extension both work.
 
     Raises:
-        ImageReadError: the file is missing, unreadable, not an image, truncated or too large.
+        ImageReadError: the file is missing, unreadable, not an image, truncated, too large or
+            too small; ``.reason`` is one line saying which.
     """
     p = Path(path)
+    # Some libraries flip this global; a truncated radiograph must be refused, never padded.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        if p.suffix.lower() == ".dcm" or _is_dicom(p):
-            from bonefrac.data.dicom import dicom_to_pil
-
-            return decode_pil(dicom_to_pil(p), size)
-        with Image.open(p) as im:
+        _check_regular_file(p)
+        if _is_dicom(p):
+            return decode_pil(_dicom_to_pil(p), size)
+        try:
+            im = Image.open(p, formats=_formats())
+        except UnidentifiedImageError:
+            if p.suffix.lower() in DICOM_SUFFIXES:  # DICOM without the 128-byte preamble
+                return decode_pil(_dicom_to_pil(p), size)
+            raise
+        with im:
             return decode_pil(im, size)
     except ImageReadError:
         raise
+    except ImageRefused as e:
+        raise ImageReadError(p, str(e)) from None
+    except ImportError as e:  # an optional decoder (pydicom) is not installed
+        raise ImageReadError(p, str(e)) from None
     except FileNotFoundError:
         raise ImageReadError(p, "file not found") from None
     except PermissionError:
@@ -79,19 +134,45 @@ def load_gray(path: str | os.PathLike, size: int = 224) -> np.ndarray:
     except IsADirectoryError:
         raise ImageReadError(p, "is a directory") from None
     except UnidentifiedImageError:
-        reason = "empty file (0 bytes)" if _size(p) == 0 else "not a recognised image format"
-        raise ImageReadError(p, reason) from None
+        raise ImageReadError(p, "not a recognised image format (supported: JPEG, PNG, TIFF, "
+                                "BMP, GIF, WebP, JPEG 2000, PNM, DICOM)") from None
     except Image.DecompressionBombError as e:
-        raise ImageReadError(p, f"refused as a decompression bomb ({e})") from None
-    except (OSError, ValueError, SyntaxError, MemoryError) as e:
-        raise ImageReadError(p, f"cannot decode image ({e})") from None
+        raise ImageReadError(p, f"image too large, not decoded ({e})") from None
+    except MemoryError:
+        raise ImageReadError(p, "out of memory while decoding") from None
+    except OSError as e:  # errno set: the file system said no; else Pillow: corrupt/truncated
+        reason = f"cannot read file: {e.strerror}" if e.strerror else f"cannot decode image: {e}"
+        raise ImageReadError(p, reason) from None
+    except Exception as e:  # a malformed file can trip any parser; never a traceback
+        raise ImageReadError(p, f"cannot decode image ({type(e).__name__}: {e})") from None
 
 
-def _size(p: Path) -> int:
+def _check_regular_file(p: Path) -> None:
+    """Refuse, before opening, what is not a non-empty regular file (a FIFO would block)."""
     try:
-        return p.stat().st_size
-    except OSError:
-        return -1
+        st = p.stat()  # follows symlinks
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise ImageRefused(f"broken symbolic link (target {os.readlink(p)} does not "
+                               "exist)") from None
+        raise
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageRefused("is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageRefused("not a regular file (device, FIFO or socket)")
+    if st.st_size == 0:
+        raise ImageRefused("empty file (0 bytes)")
+
+
+def _formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
+def _dicom_to_pil(p: Path) -> Image.Image:
+    from bonefrac.data.dicom import dicom_to_pil  # pydicom is optional: import on demand
+
+    return dicom_to_pil(p)
 
 
 def _is_dicom(p: Path) -> bool:

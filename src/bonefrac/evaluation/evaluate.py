@@ -147,15 +147,78 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
     return result
 
 
+# Names of the YOLO class ids in the shared set's groups.csv ``yolo_classes`` column (the order of
+# the Roboflow export's data.yaml). Only fracture boxes carry a class, so these are body regions
+# of FRACTURED images; a non-fractured image has no box and therefore no region.
+YOLO_CLASS_NAMES = ("elbow positive", "fingers positive", "forearm fracture", "humerus fracture",
+                    "humerus", "shoulder fracture", "wrist positive")
+
+
+def check_subgroup_column(samples: Sequence[Sample], column: str) -> None:
+    """Raise ``ValueError`` (one line, naming the available columns) unless some sample has a
+    value in ``column``; cheap, so callers can check before any model runs."""
+    if not any(s.attrs.get(column) for s in samples):
+        cols = sorted({k for s in samples for k, v in s.attrs.items() if v})
+        raise ValueError(f"no image has a value in column {column!r} of manifest.csv/groups.csv"
+                         f" (columns with values: {', '.join(cols) or 'none'})")
+
+
+def subgroup_keys(value: str | None, column: str) -> list[str]:
+    """The subgroup(s) of one image; ``yolo_classes`` holds space-separated class ids, and an
+    image with boxes of several classes belongs to each of them."""
+    if not value:
+        return ["(none)"]
+    if column != "yolo_classes":
+        return [value]
+    ids = sorted(set(value.split()), key=lambda i: (len(i), i))  # numeric order for ids
+    return [YOLO_CLASS_NAMES[int(i)] if i.isdigit() and int(i) < len(YOLO_CLASS_NAMES)
+            else f"class {i}" for i in ids]
+
+
 def subgroup_metrics(so: SplitOutputs, p: np.ndarray, threshold: float, column: str) -> dict:
-    """Metrics (with CIs) per value of a manifest/groups column; missing values -> '(none)'."""
-    keys = [s.attrs.get(column) or "(none)" for s in so.samples]
-    if all(k == "(none)" for k in keys):
-        raise ValueError(f"no sample has a value in column {column!r}")
-    out = {}
-    for k in sorted(set(keys)):
-        m = np.array([x == k for x in keys])
-        out[k] = binary_metrics(so.y[m], p[m], threshold)
+    """Metrics (with CIs) per value of a manifest/groups column at ``threshold``.
+
+    Missing values form the group ``(none)``. A subgroup with one class only gets the one metric
+    it can estimate (sensitivity for positives, specificity for negatives); every other metric is
+    ``None`` with the reason (valid JSON, unlike NaN), so nothing over-claims: a positives-only
+    group would otherwise show PPV = 1. For ``yolo_classes`` the ids are mapped to body-region
+    names (:data:`YOLO_CLASS_NAMES`).
+
+    Returns: ``{"column", "threshold", "note", "groups": {name: binary_metrics + "estimable"}}``.
+    """
+    check_subgroup_column(so.samples, column)
+    keys = [subgroup_keys(s.attrs.get(column), column) for s in so.samples]
+    groups = {}
+    for k in sorted({k for ks in keys for k in ks}, key=lambda k: (k == "(none)", k)):
+        m = np.array([k in ks for ks in keys])
+        groups[k] = _estimable_only(binary_metrics(so.y[m], p[m], threshold))
+    note = f"Subgroups by the value of column {column!r}; CIs as for the whole set."
+    if column == "yolo_classes":
+        note = ("Body regions from the YOLO classes of the fracture boxes; an image with boxes "
+                "of several classes counts in each.")
+        if all(g["n_negative"] == 0 for k, g in groups.items() if k != "(none)"):
+            note += (" Only fractured images have boxes, so every region holds fractured images "
+                     "only: per region the sensitivity is reported with its Wilson 95% CI, and "
+                     "specificity (also PPV, NPV, AUC) is NOT estimable per region because "
+                     "non-fractured images carry no region label. '(none)' holds the images "
+                     "without a box: its specificity is the specificity over all regions.")
+    return {"column": column, "threshold": float(threshold), "note": note, "groups": groups}
+
+
+_METRIC_KEYS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "roc_auc")
+
+
+def _estimable_only(m: dict) -> dict:
+    """Blank out what a one-class subgroup cannot estimate (value None, reason given)."""
+    if m["n_positive"] and m["n_negative"]:
+        return {**m, "estimable": list(_METRIC_KEYS)}
+    keep = "sensitivity" if m["n_positive"] else "specificity"
+    why = ("no non-fractured images in this subgroup" if m["n_positive"]
+           else "no fractured images in this subgroup")
+    out = {**m, "estimable": [keep]}
+    for key in _METRIC_KEYS:
+        if key != keep:
+            out[key] = {"value": None, "ci95": [None, None], "not_estimable": why}
     return out
 
 

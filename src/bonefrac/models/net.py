@@ -83,14 +83,10 @@ class FractureNet(nn.Module):
 
 def save_run_model(model: FractureNet, path: Path, extra_meta: dict | None = None) -> None:
     """Weights as safetensors + ``model.json`` (arch, head, preprocessing) beside them."""
-    from safetensors.torch import save_file
-
+    from bonefrac.models.weights import save_tensors
     from bonefrac.utils import write_json
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)  # atomic: a reader sees the old file or the whole new one
+    save_tensors(model.state_dict(), path)
     meta = {**model.config, "preprocessing": model.preprocessing.to_dict(),
             "weights_file": path.name, **(extra_meta or {})}
     write_json(path.parent / "model.json", meta)

@@ -34,3 +34,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: not a state dict")
     return sd
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write tensors as safetensors, atomically (a reader never sees a partial file)."""
+    from safetensors.torch import save
+
+    from bonefrac.utils import atomic_write
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    with atomic_write(path, "wb") as f:
+        f.write(data)

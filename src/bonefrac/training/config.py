@@ -15,7 +15,7 @@ class TrainConfig:
     views: int = 4
     batch_size: int = 64
     lr_frozen: float = 1e-3
-    lr_finetune: float = 3e-4
+    lr_finetune: float = 3e-5  # higher rates wreck the pretrained blocks (BN frozen)
     weight_decay: float = 0.0
     patience: int = 4
     hidden: int = 256

@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from bonefrac.data.dataset import DatasetIndex, decode_all, load_index
+from bonefrac.evaluation.metrics import roc_auc
 from bonefrac.models import create_model
 from bonefrac.models.net import FractureNet, save_run_model
+from bonefrac.models.weights import save_tensors
 from bonefrac.training.augment import augment_batch, train_augmentation
 from bonefrac.training.config import TrainConfig
-from bonefrac.utils import cache_dir, write_json
+from bonefrac.utils import cache_dir, publish, write_json
 
 
 def seed_everything(seed: int) -> None:
@@ -96,7 +98,7 @@ class FeatureCache:
         ]).astype(np.float32)
         tmp = path.with_name(f".{path.name}.tmp.npy")
         np.save(tmp, feats)
-        os.replace(tmp, path)
+        publish(tmp, path)
         return np.load(path, mmap_mode="r")
 
 
@@ -127,17 +129,13 @@ def _save_checkpoint(run: Path, stage: str, epoch: int, trainable: nn.Module,
                      model: FractureNet, opt: torch.optim.Optimizer,
                      sched, stopper: EarlyStopping, history: list[dict]) -> None:
     """Model, best-so-far model and optimizer as safetensors; counters as JSON (no pickle)."""
-    from safetensors.torch import save_file
-
     ck = run / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
     for idx, st in opt.state_dict()["state"].items():
         for name, t in st.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(t).contiguous()
-    tmp = ck / f".{stage}_last.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(ck / f"{stage}_last.safetensors")
+    save_tensors(tensors, ck / f"{stage}_last.safetensors")
     write_json(ck / "state.json", {
         "stage": stage, "epoch": epoch, "lr": [g["lr"] for g in opt.param_groups],
         "sched": {k: v for k, v in sched.state_dict().items() if isinstance(v, int | float)},
@@ -221,17 +219,20 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
                             for i in range(0, len(val_x), 256)])
             val_loss = float(loss_fn(vl, yv))
             val_acc = float((vl.argmax(1) == yv).float().mean())
+            val_auc = roc_auc(val_y, (vl[:, 1] - vl[:, 0]).numpy())
         improved = stopper.step(val_loss)
         sched.step(val_loss)
         rec = {"stage": stage, "epoch": epoch, "loss": tot / seen, "accuracy": correct / seen,
-               "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
+               "val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc,
+               "lr": opt.param_groups[0]["lr"],
                "seconds": round(time.time() - t0, 2)}
         history.append(rec)
         print(f"{stage} epoch {epoch}: loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} | "
-              f"val_loss {val_loss:.4f} val_acc {val_acc:.3f} | lr {rec['lr']:.1e} "
-              f"| {rec['seconds']:.0f}s{'  *best*' if improved else ''}", flush=True)
+              f"val_loss {val_loss:.4f} val_acc {val_acc:.3f} val_auc {val_auc:.4f} | "
+              f"lr {rec['lr']:.1e} | {rec['seconds']:.0f}s{'  *best*' if improved else ''}",
+              flush=True)
         if improved:
-            _save_model_tensors(model, best_path)
+            save_tensors(model.state_dict(), best_path)
         _save_checkpoint(run, stage, epoch, trainable, model, opt, sched, stopper, history)
         _write_history(run, history)
     if best_path.exists():
@@ -239,14 +240,6 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
 
         model.load_state_dict(load_file(str(best_path)))
     return history
-
-
-def _save_model_tensors(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
 
 
 def _freeze_bn(model: nn.Module) -> None:

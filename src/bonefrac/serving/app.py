@@ -1,0 +1,243 @@
+"""The HTTP service: a REST API over one loaded ``Ensemble`` and a single-page UI at ``/``.
+
+    from bonefrac.serving import create_app
+    app = create_app("models/ensemble")        # loads (and sha256-checks) the model once
+    # uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Concurrency: the model is loaded once and shared. ONNX Runtime sessions are thread-safe for
+``run()``, so requests run on a fixed pool of ``workers`` threads (the bound on simultaneous
+inference); at most ``workers + queue`` prediction requests are admitted at a time and the rest
+get 503 (``limits.LimitsMiddleware``). Errors are JSON ``{"detail": "..."}`` in plain words;
+tracebacks go to the server log, never into a response.
+"""
+
+import asyncio
+import base64
+import io
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.exceptions import HTTPException
+
+from bonefrac import DISCLAIMER, __version__
+from bonefrac.inference.ensemble import Ensemble
+from bonefrac.inference.heatmap import heatmap_png
+from bonefrac.inference.predict import make_row, model_info
+from bonefrac.inference.runners import default_threads
+from bonefrac.serving.docs import api_reference_html
+from bonefrac.serving.limits import DEADLINE_KEY, LimitsMiddleware
+from bonefrac.serving.uploads import FORMATS_TEXT, UploadError, decode_upload
+
+log = logging.getLogger("bonefrac.serving")
+
+STATIC = Path(__file__).resolve().parent / "static"
+MODEL_CARD = "MODEL_CARD.md"
+MULTIPART_SLACK = 64 * 1024  # multipart boundaries and headers around one file
+# The UI and the docs page load nothing from elsewhere; the policy makes a stray CDN link fail.
+CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+HTML_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"}
+ERRORS = {
+    408: "the upload did not arrive within the request timeout",
+    413: "file or request too large (see `limits` in GET /v1/model)",
+    415: f"unsupported file type or content (accepted: {FORMATS_TEXT})",
+    422: "unreadable image (the reason is given) or a missing form field",
+    503: "server busy: too many requests running or queued; retry after Retry-After seconds",
+    504: "prediction did not finish within the request timeout",
+}
+
+# FastAPI reads these annotations at run time, so this module does not use postponed ones.
+_EXPLAIN = "also return the Grad-CAM heat map overlay and the model's input as PNG"
+ExplainQ = Annotated[bool, Query(description=_EXPLAIN)]
+ExplainF = Annotated[bool, Form(alias="explain", description=_EXPLAIN + " (form field)")]
+
+
+def model_summary(ens: Ensemble) -> dict:
+    """Model identity for every response: ``model_info`` (as in the CLI's predictions.json),
+    what each operating point means, and each member's file sha256."""
+    return {
+        **model_info(ens),
+        "operating_point_info": {k: {"policy": v.get("policy"),
+                                     "description": v.get("description", "")}
+                                 for k, v in ens.operating_points.items()},
+        "members": [{"name": m.name, "arch": m.arch, "input_size": m.preprocessing.size,
+                     "fusion_weight": m.weight, "temperature": m.temperature,
+                     "onnx_sha256": m.spec.get("onnx_sha256"),
+                     "weights_sha256": m.spec.get("weights_sha256")} for m in ens.members],
+    }
+
+
+def _png_base64(img: Image.Image | bytes) -> str:
+    if isinstance(img, Image.Image):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        img = buf.getvalue()
+    return base64.b64encode(img).decode("ascii")
+
+
+def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain: bool,
+                    max_bytes: int) -> tuple[list[dict], list[dict]]:
+    """Decode and predict uploads as one batch (runs on a worker thread).
+
+    Returns (rows, errors): a row per good file (``make_row`` fields and warning, as in the
+    CLI's predictions.json, plus ``index`` and, with ``explain``, the Grad-CAM overlay and the
+    model's grayscale input as base64 PNGs) and ``{"index", "file", "status", "reason"}`` per
+    bad one.
+    """
+    decoded, errors = [], []
+    for i, (name, f) in enumerate(uploads):
+        try:
+            decoded.append((i, name, *decode_upload(name, f, ens.sizes, max_bytes)))
+        except UploadError as e:
+            errors.append({"index": i, "file": name, "status": e.status, "reason": e.reason})
+        except Exception:  # a decoder bug must not cost the other files their results
+            log.exception("decoding upload %r failed", name)
+            errors.append({"index": i, "file": name, "status": 500,
+                           "reason": "internal error while reading the file"})
+    rows = []
+    if decoded:
+        gray = {s: np.stack([g[s] for _, _, g, _ in decoded]) for s in ens.sizes}
+        pred = ens.predict_gray(gray, explain=explain)
+        for j, (i, name, g, warning) in enumerate(decoded):
+            row = {"index": i, **make_row(ens, Path(name), pred.prob[j],
+                                          {k: v[j] for k, v in pred.member_probs.items()},
+                                          warning=warning)}
+            if explain:
+                big = g[max(g)]  # the overlay is drawn on the largest input the model saw
+                row["heatmap_png_base64"] = _png_base64(heatmap_png(big, pred.cam[j]))
+                row["image_png_base64"] = _png_base64(Image.fromarray(big))
+            rows.append(row)
+    return rows, errors
+
+
+def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 32 * 2**20,
+               max_batch_files: int = 16, max_batch_bytes: int = 128 * 2**20,
+               workers: int = 2, queue: int = 16, timeout_s: float = 60.0,
+               threads: int | None = None, backend: str = "auto") -> FastAPI:
+    """Build the app around one model, loaded here once (or passed in already loaded).
+
+    Args:
+        model: model folder (ensemble or training run) or a loaded ``Ensemble``.
+        max_upload_bytes: cap on one file (413 above it).
+        max_batch_files, max_batch_bytes: caps on one batch request (413 above them).
+        workers: predictions run at the same time (threads sharing the model).
+        queue: further prediction requests allowed to wait; beyond that, 503.
+        timeout_s: per-request deadline from arrival to answer (408 upload, 504 inference).
+        threads: ONNX Runtime threads per run; default: the CPUs shared among ``workers``.
+    Raises:
+        ModelFileError: the model folder is missing, tampered with or malformed.
+    """
+    if min(max_upload_bytes, max_batch_files, max_batch_bytes, workers) < 1 or queue < 0 \
+            or timeout_s <= 0:
+        raise ValueError("limits must be positive (queue may be 0)")
+    ens = model if isinstance(model, Ensemble) else Ensemble.load(
+        model, backend=backend, threads=threads or max(1, default_threads() // workers))
+    card_path = ens.root / MODEL_CARD
+    model_card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
+    summary = model_summary(ens)
+    limits = {"max_upload_bytes": max_upload_bytes, "max_batch_files": max_batch_files,
+              "max_batch_bytes": max_batch_bytes, "workers": workers, "queue": queue,
+              "timeout_s": timeout_s}
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bonefrac-infer")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="bonefrac", version=__version__, lifespan=lifespan,
+        description="P(fractured) for musculoskeletal radiographs, with Grad-CAM heat maps. "
+                    + DISCLAIMER,
+        docs_url=None, redoc_url=None)  # the stock pages load Swagger/ReDoc from a CDN
+    app.state.ensemble = ens
+    app.state.limits = limits
+    body_caps = {"/v1/predict": max_upload_bytes + MULTIPART_SLACK,
+                 "/v1/predict/batch": max_batch_bytes}
+    app.add_middleware(LimitsMiddleware, capacity=workers + queue, timeout_s=timeout_s,
+                       max_body=body_caps.get)
+
+    async def run_job(request: Request, uploads: list[UploadFile], explain: bool):
+        items = [(Path(u.filename or "upload").name, u.file) for u in uploads]
+        fut = executor.submit(predict_uploads, ens, items, explain, max_upload_bytes)
+        remaining = request.scope[DEADLINE_KEY] - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, remaining))
+        except TimeoutError:
+            fut.cancel()  # drops it if still queued; a running one finishes on its own
+            raise HTTPException(504, f"prediction did not finish within {timeout_s:g} s; "
+                                     "the server may be overloaded") from None
+
+    @app.post("/v1/predict", tags=["predict"], responses={c: {"description": ERRORS[c]}
+                                                          for c in ERRORS})
+    async def predict(request: Request,
+                      file: Annotated[UploadFile, File(description="radiograph or DICOM")],
+                      explain: ExplainQ = False, explain_form: ExplainF = False) -> dict:
+        """P(fractured) for one radiograph: fused and per-member probabilities, the decision at
+        the default threshold and at each operating point, the model's identity."""
+        rows, errors = await run_job(request, [file], explain or explain_form)
+        if errors:
+            raise HTTPException(errors[0]["status"], f"{errors[0]['file']}: "
+                                                     f"{errors[0]['reason']}")
+        return {"prediction": rows[0], "model": summary, "disclaimer": DISCLAIMER}
+
+    @app.post("/v1/predict/batch", tags=["predict"],
+              responses={c: {"description": ERRORS[c]} for c in ERRORS})
+    async def predict_batch(request: Request,
+                            files: Annotated[list[UploadFile], File(description="files")],
+                            explain: ExplainQ = False, explain_form: ExplainF = False) -> dict:
+        """Several files in one request: a result per good file and an error (file, status,
+        reason) per bad one; bad files never cost the good ones their results."""
+        if len(files) > max_batch_files:
+            raise HTTPException(413, f"{len(files)} files sent; at most {max_batch_files} "
+                                     "per request")
+        rows, errors = await run_job(request, files, explain or explain_form)
+        return {"predictions": rows, "errors": errors, "n_ok": len(rows),
+                "n_failed": len(errors), "model": summary, "disclaimer": DISCLAIMER}
+
+    @app.get("/v1/model", tags=["model"])
+    async def model_info() -> dict:
+        """The model's metadata (operating points, validation, provenance), its model card
+        (MODEL_CARD.md in the model folder, or null) and the service's limits."""
+        return {"model": summary, "meta": ens.meta, "model_card": model_card,
+                "limits": limits, "disclaimer": DISCLAIMER}
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict:
+        return {"status": "ok", "model_id": ens.model_id, "version": __version__}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=HTML_HEADERS)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(api_reference_html(app.openapi()), headers=HTML_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error (see the server log)"},
+                            status_code=500)
+
+    return app

@@ -1,0 +1,150 @@
+// bonefrac web page: send one file to POST /v1/predict?explain=true and show the answer.
+// Plain DOM code, no libraries; every value from the server is set with textContent.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let maxBytes = 32 * 1024 * 1024;
+let objectUrl = null;
+
+const MESSAGES = {
+  408: "The upload took too long. Check the connection and try again.",
+  413: "The file is too large for this server.",
+  415: "This file type is not supported. Send a JPEG, PNG, TIFF, BMP, GIF, WebP or DICOM file.",
+  422: "The file could not be read as an image.",
+  503: "The server is busy right now. Please try again in a moment.",
+  504: "The server took too long to answer. Please try again.",
+};
+
+function pct(p) { return (100 * p).toFixed(1) + " %"; }
+function label(c) { return c === "fractured" ? "fractured" : "not fractured"; }
+
+function showError(text) {
+  $("status").textContent = "";
+  $("error").textContent = text;
+  $("error").hidden = false;
+}
+
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  row.appendChild(td);
+}
+
+async function loadModel() {
+  try {
+    const r = await fetch("/v1/model");
+    if (!r.ok) throw new Error("HTTP " + r.status);
+    const info = await r.json();
+    $("disclaimer").textContent = info.disclaimer;
+    maxBytes = info.limits.max_upload_bytes;
+    $("limit").textContent = "up to " + (maxBytes / 1048576).toFixed(0) + " MiB";
+    $("model-id").textContent = info.model.model_id;
+  } catch (e) {
+    showError("Could not reach the server (" + e.message + "). Is `bonefrac serve` running?");
+  }
+}
+
+function render(data, file) {
+  const p = data.prediction, m = data.model;
+  $("filename").textContent = p.file;
+  $("prob").textContent = pct(p.prob_fractured);
+  $("prob-bar").style.width = pct(p.prob_fractured).replace(" ", "");
+  $("threshold-mark").style.left = pct(Math.min(1, p.threshold)).replace(" ", "");
+  $("threshold").textContent = pct(p.threshold);
+  $("decision").textContent = label(p.decision);
+  $("decision").className = p.decision;
+  $("warning").textContent = p.warning ? "Warning: " + p.warning : "";
+  $("warning").hidden = !p.warning;
+
+  const points = $("points");
+  points.replaceChildren();
+  for (const [name, threshold] of Object.entries(m.operating_points)) {
+    const tr = document.createElement("tr");
+    const decision = p["decision_" + name];
+    const info = (m.operating_point_info || {})[name] || {};
+    cell(tr, name);
+    cell(tr, threshold > 1 ? "unreachable (> 100 %)" : pct(threshold));
+    cell(tr, label(decision), decision);
+    cell(tr, info.description || "");
+    points.appendChild(tr);
+  }
+  const members = $("members");
+  members.replaceChildren();
+  for (const mem of m.members) {
+    const tr = document.createElement("tr");
+    cell(tr, mem.name);
+    cell(tr, pct(p["prob_" + mem.name]));
+    cell(tr, mem.fusion_weight.toFixed(2));
+    members.appendChild(tr);
+  }
+  $("model-id").textContent = m.model_id;
+  $("version").textContent = p.version;
+  $("result-disclaimer").textContent = data.disclaimer;
+
+  // Show the original file when the browser can decode it (sharper than the model's 224 px
+  // input); DICOM and TIFF fall back to the server's grayscale rendering. The heat map covers
+  // the whole image (the model sees it resized to a square), so it is stretched to fit.
+  const base = $("radiograph");
+  base.onerror = () => { base.onerror = null; base.src = "data:image/png;base64," + p.image_png_base64; };
+  if (objectUrl) URL.revokeObjectURL(objectUrl);
+  objectUrl = URL.createObjectURL(file);
+  base.src = objectUrl;
+  $("heatmap").src = "data:image/png;base64," + p.heatmap_png_base64;
+  $("result").hidden = false;
+  $("status").textContent = "Done.";
+}
+
+async function analyse(file) {
+  $("error").hidden = true;
+  $("result").hidden = true;
+  if (file.size > maxBytes) {
+    showError(`"${file.name}" is ${(file.size / 1048576).toFixed(1)} MiB; the limit is ` +
+              `${(maxBytes / 1048576).toFixed(0)} MiB.`);
+    return;
+  }
+  $("status").textContent = `Analysing "${file.name}"...`;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  let r;
+  try {
+    r = await fetch("/v1/predict?explain=true", { method: "POST", body: form });
+  } catch (e) {
+    showError("Could not reach the server. Is `bonefrac serve` still running?");
+    return;
+  }
+  let data = null;
+  try { data = await r.json(); } catch (e) { /* not JSON: use the status text */ }
+  if (!r.ok) {
+    const general = MESSAGES[r.status] || `The server answered ${r.status}.`;
+    const detail = data && typeof data.detail === "string" ? " (" + data.detail + ")" : "";
+    showError(general + detail);
+    return;
+  }
+  render(data, file);
+}
+
+function setOpacity() {
+  const v = $("opacity").value;
+  $("heatmap").style.opacity = v / 100;
+  $("opacity-value").textContent = v + " %";
+}
+
+$("file").addEventListener("change", (e) => { if (e.target.files[0]) analyse(e.target.files[0]); });
+$("opacity").addEventListener("input", setOpacity);
+const drop = $("drop");
+for (const ev of ["dragenter", "dragover"]) {
+  drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+}
+for (const ev of ["dragleave", "drop"]) {
+  drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+}
+drop.addEventListener("drop", (e) => {
+  const f = e.dataTransfer.files[0];
+  if (f) analyse(f);
+});
+drop.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
+});
+setOpacity();
+loadModel();

@@ -1,0 +1,137 @@
+"""Model files are verified before use and never unpickled.
+
+A member file with one byte changed, or cut short, is refused by ``Ensemble.load`` with a
+ModelFileError naming the file and its sha256; ``bonefrac predict`` then exits 1 with one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, real_images
+
+from bonefrac.inference import Ensemble, ModelFileError
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def member_files(model: Path, key: str) -> list[Path]:
+    meta = json.loads((model / "ensemble_meta.json").read_text())
+    return [model / m[key] for m in meta["members"]]
+
+
+@pytest.mark.parametrize("damage", [flip_byte, truncate])
+@pytest.mark.parametrize("member", [0, 1])
+def test_damaged_onnx_member_is_refused(tmp_path, tiny_ensemble, damage, member):
+    model = copy_model(tiny_ensemble, tmp_path / "model")
+    victim = member_files(model, "onnx")[member]
+    damage(victim)
+    with pytest.raises(ModelFileError) as e:
+        Ensemble.load(model, backend="onnx")
+    msg = str(e.value)
+    assert str(victim) in msg and "sha256 mismatch" in msg and "refusing to load" in msg
+
+
+def test_damaged_safetensors_member_is_refused(tmp_path, tiny_ensemble):
+    model = copy_model(tiny_ensemble, tmp_path / "model")
+    victim = member_files(model, "weights")[0]
+    flip_byte(victim, offset=100)  # inside the JSON header: would still parse, differently
+    with pytest.raises(ModelFileError, match=rf"{victim}: sha256 mismatch"):
+        Ensemble.load(model, backend="torch")
+
+
+def test_damaged_training_run_is_refused(tmp_path, tiny_runs):
+    run = copy_model(tiny_runs["mobilenetv2"], tmp_path / "run")
+    truncate(run / "model.safetensors")
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: sha256 mismatch"):
+        Ensemble.load(run, backend="torch")
+
+
+def test_intact_copy_loads(tmp_path, tiny_ensemble):
+    """The refusals above come from the damage, not from copying."""
+    assert len(Ensemble.load(copy_model(tiny_ensemble, tmp_path / "m")).members) == 2
+
+
+def test_predict_with_tampered_model_exits_1_with_one_line(tmp_path, tiny_ensemble, capsys):
+    from bonefrac.cli.main import main
+
+    model = copy_model(tiny_ensemble, tmp_path / "model")
+    victim = member_files(model, "onnx")[1]
+    flip_byte(victim)
+    out = tmp_path / "out"
+    code = main(["predict", str(real_images()[0]), "--model", str(model), "--out", str(out),
+                 "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("bonefrac predict: error: ")
+    assert str(victim) in lines[0] and "sha256" in lines[0]
+    assert not (out / "predictions.csv").exists()  # no results from an unverified model
+
+
+# ------------------------------------------------------------------ no unpickling in src/
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve"}
+
+
+def unsafe_loads(source: str, filename: str = "<src>") -> list[str]:
+    """Calls that can execute code from a data file: ``pickle``-family loads and Unpicklers,
+    ``pandas.read_pickle``, ``torch.load`` without ``weights_only=True``, and ``numpy.load``
+    with ``allow_pickle`` set to anything but False."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        parts = name.split(".")
+        kw = {k.arg: k.value for k in node.keywords}
+        where = f"{filename}:{node.lineno}: {ast.unparse(node)}"
+        if (parts[0] in PICKLE_MODULES and parts[-1] in ("load", "loads", "Unpickler", "open")
+                or parts[-1] in ("read_pickle", "Unpickler")):
+            found.append(where)
+        elif name.endswith("torch.load"):
+            wo = kw.get("weights_only")
+            if not (isinstance(wo, ast.Constant) and wo.value is True):
+                found.append(where)
+        elif parts[-1] == "load" and parts[0] in ("np", "numpy") and "allow_pickle" in kw:
+            ap = kw["allow_pickle"]
+            if not (isinstance(ap, ast.Constant) and ap.value is False):
+                found.append(where)
+    return found
+
+
+def test_checker_catches_unsafe_loads():
+    bad = ("import pickle, torch, numpy as np, joblib\n"
+           "pickle.load(f)\npickle.loads(b)\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
+           "np.load(p, allow_pickle=True)\nnp.load(p, allow_pickle=flag)\njoblib.load(p)\n"
+           "pd.read_pickle(p)\npickle.Unpickler(f).load()\n")
+    assert {hit.split(":")[1] for hit in unsafe_loads(bad)} == {str(i) for i in range(2, 11)}
+    good = ("torch.load(p, map_location='cpu', weights_only=True)\n"
+            "np.load(p, allow_pickle=False)\nnp.load(p)\njson.load(f)\nload_file(p)\n")
+    assert unsafe_loads(good) == []
+
+
+def test_no_code_in_src_unpickles():
+    files = sorted((ROOT / "src").rglob("*.py"))
+    assert len(files) > 20
+    found = [hit for f in files for hit in unsafe_loads(f.read_text(), str(f.relative_to(ROOT)))]
+    assert found == [], "\n".join(found)
