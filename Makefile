@@ -33,6 +33,7 @@ demo: $(VENV)/.base
 	$(BIN)/bonefrac predict examples/test_images --out inference_outputs --explain
 
 test: $(VENV)/.full
+	PYTHON=$(BIN)/python bash scripts/install_browser.sh
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 

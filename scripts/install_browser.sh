@@ -9,7 +9,9 @@ if [ ! -x /usr/bin/chromium ]; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium
+    # Without recommends (udev, upower, mesa, ...), but with a font so that pages render text.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
+        chromium fonts-liberation
 fi
 
 if ! "$PYTHON" -c "import playwright" 2>/dev/null; then

@@ -16,18 +16,19 @@ from bonefrac.cli.main import main
 from bonefrac.evaluation.evaluate import YOLO_CLASS_NAMES
 from bonefrac.evaluation.thresholds import choose_threshold
 
-# Real images of tests/data and their real `yolo_classes` (from the shared set's groups.csv).
+# Real images of tests/data (by name prefix) and their real `yolo_classes` (from the shared
+# set's groups.csv).
 IMAGES = {
-    "fractured/image1_1002_png.rf.1feafce607366113c97124dc22d52328.jpg": "6",
-    "fractured/image1_1021_png.rf.aa911ca30618241dbee3e2905af62f9b.jpg": "5",
-    "fractured/image1_1036_png.rf.97a4495a8b77402351029335ef0c83ec.jpg": "1",
-    "fractured/image1_1041_png.rf.8ec2085418990b1c04df373a9ad7d02d.jpg": "0",
-    "fractured/image1_1284_png.rf.45c8239cf68c001ba91d7d002729eec7.jpg": "2",
-    "fractured/image1_1392_png.rf.692d8594c2ce39483af8c3c4fee91646.jpg": "1",
-    "non_fractured/image1_0_png.rf.208b9fc171409973fd0f9af79cdcfead.jpg": "",
-    "non_fractured/image1_1008_png.rf.25837354152dafe38c41add4190d8a55.jpg": "",
-    "non_fractured/image1_1070_png.rf.d01735eab2c774146e40eef6c8e1e3cc.jpg": "",
-    "non_fractured/image1_1134_png.rf.642f46a1f0f794f24f5aa3edcf5f9b07.jpg": "",
+    "fractured/image1_1002_png": "6",
+    "fractured/image1_1021_png": "5",
+    "fractured/image1_1036_png": "1",
+    "fractured/image1_1041_png": "0",
+    "fractured/image1_1284_png": "2",
+    "fractured/image1_1392_png": "1",
+    "non_fractured/image1_0_png": "",
+    "non_fractured/image1_1008_png": "",
+    "non_fractured/image1_1070_png": "",
+    "non_fractured/image1_1134_png": "",
 }
 
 
@@ -37,7 +38,7 @@ def external(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("external")
     rows = []
     for i, (rel, yolo) in enumerate(sorted(IMAGES.items())):
-        src = next(TEST_DATA.glob(rel.split(".rf.")[0] + ".rf.*"))
+        (src,) = TEST_DATA.glob(f"{rel}.rf.*.jpg")  # exactly one file per prefix
         cls = rel.split("/")[0]
         new = f"{cls}/site_b_{i:03d}.jpg"
         (root / cls).mkdir(exist_ok=True)

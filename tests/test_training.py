@@ -36,7 +36,7 @@ def test_run_writes_every_artifact(tiny_runs):
     text = (res / "clinical_metrics.txt").read_text()
     for word in ("Sensitivity", "Specificity", "PPV", "NPV", "ROC-AUC", "TP=", "FN="):
         assert word in text
-    hist = list(csv.DictReader(open(run / "history.csv")))
+    hist = list(csv.DictReader((run / "history.csv").read_text().splitlines()))
     assert [h["stage"] for h in hist] == ["frozen", "finetune"]
     mj = json.loads((run / "model.json").read_text())
     assert 0 < mj["threshold"] < 1 and mj["fitted_on"]["val_n"] == 6

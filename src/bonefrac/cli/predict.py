@@ -20,8 +20,6 @@ from pathlib import Path
 
 from bonefrac.cli.common import add_model_arg, resolve_model
 
-MAX_ERRORS_SHOWN = 20
-
 
 def _positive(value: str) -> int:
     try:
@@ -206,11 +204,8 @@ def run(args) -> int:
               f"image(s) done; partial results in {out}/ (run again with --resume to finish)",
               file=sys.stderr)
         return 128 + interrupted.signum
-    for e in res.errors[:MAX_ERRORS_SHOWN]:
+    for e in res.errors:  # one line per bad file, as in errors.csv
         print(f"error: {e['file']}: {e['reason']}", file=sys.stderr)
-    if len(res.errors) > MAX_ERRORS_SHOWN:
-        print(f"... and {len(res.errors) - MAX_ERRORS_SHOWN} more (see {out}/errors.csv)",
-              file=sys.stderr)
     print(f"{len(res.rows)} image(s) predicted, {len(res.errors)} failed -> {out}/"
           "predictions.csv")
     print(DISCLAIMER)

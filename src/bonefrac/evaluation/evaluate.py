@@ -90,6 +90,8 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
     validation split); ``refit_threshold`` re-tunes them on the evaluated data and says so.
     """
     ens = Ensemble.load(model_dir, backend=backend)
+    if subgroup:
+        check_subgroup_column(index.split(split), subgroup)  # fail before any model runs
     is_ens = len(ens.members) > 1
     sfx = "_ensemble" if is_ens else ""
     res = Path(out) if out else Path(model_dir) / "Results"

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
-from bonefrac.evaluation.report import _ROWS as METRIC_ROWS
+from bonefrac.evaluation.report import METRIC_ROWS
 from bonefrac.utils import write_text
 
 # Data sets whose provenance we have checked, keyed by a marker found in the data folder's

@@ -11,9 +11,9 @@ from bonefrac import DISCLAIMER
 from bonefrac.evaluation import plots
 from bonefrac.evaluation.metrics import binary_metrics
 
-_ROWS = [("sensitivity", "Sensitivity (recall, TPR)"), ("specificity", "Specificity (TNR)"),
-         ("ppv", "PPV (precision)"), ("npv", "NPV"), ("accuracy", "Accuracy"), ("f1", "F1"),
-         ("roc_auc", "ROC-AUC")]
+METRIC_ROWS = [("sensitivity", "Sensitivity (recall, TPR)"),
+               ("specificity", "Specificity (TNR)"), ("ppv", "PPV (precision)"), ("npv", "NPV"),
+               ("accuracy", "Accuracy"), ("f1", "F1"), ("roc_auc", "ROC-AUC")]
 
 
 def format_clinical_metrics(m: Mapping, title: str) -> str:
@@ -23,7 +23,7 @@ def format_clinical_metrics(m: Mapping, title: str) -> str:
              f"images: {m['n']} ({m['n_positive']} fractured, {m['n_negative']} non-fractured)",
              f"decision threshold on P(fractured): {m['threshold']:.4f}", "",
              f"{'metric':28s} {'value':>7s}   95% CI"]
-    for key, label in _ROWS:
+    for key, label in METRIC_ROWS:
         v = m[key]
         lo, hi = v["ci95"]
         frac = f"  ({v['k']}/{v['n']})" if "k" in v else ""

@@ -173,7 +173,13 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
         if explain and heatmap_dir is not None:
             from bonefrac.inference.heatmap import save_overlay
 
-            row["heatmap"] = str(save_overlay(big, pred.cam[i], heatmap_dir, f, pred.prob[i]))
+            try:
+                row["heatmap"] = str(save_overlay(big, pred.cam[i], heatmap_dir, f,
+                                                  pred.prob[i]))
+            except OSError as e:  # e.g. disk full: the prediction itself is still good
+                row["heatmap"] = ""
+                row["warning"] = "; ".join(filter(None, [row["warning"],
+                                                         f"heat map not written ({e})"]))
         rows.append(row)
     return rows, errors
 

@@ -68,7 +68,11 @@ class FractureNet(nn.Module):
         return self.head(self.features(x))
 
     def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the raw Grad-CAM map ``(N, h, w)`` of the last feature maps (ReLU'd)."""
+        """Logits and the raw Grad-CAM map ``(N, h, w)`` of the last feature maps (ReLU'd).
+
+        Equals h*w times the original paper's Grad-CAM (the head averages the maps before its
+        first layer); maps are normalised to [0, 1] before display, so the scale is moot.
+        """
         fmap = self.features(x)
         pooled = fmap.mean(dim=(2, 3))
         w = self.head.cam_weights(pooled)

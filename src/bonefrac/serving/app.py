@@ -206,7 +206,7 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
                 "n_failed": len(errors), "model": summary, "disclaimer": DISCLAIMER}
 
     @app.get("/v1/model", tags=["model"])
-    async def model_info() -> dict:
+    async def get_model() -> dict:
         """The model's metadata (operating points, validation, provenance), its model card
         (MODEL_CARD.md in the model folder, or null) and the service's limits."""
         return {"model": summary, "meta": ens.meta, "model_card": model_card,

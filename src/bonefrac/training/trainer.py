@@ -74,7 +74,7 @@ class FeatureCache:
     """Activations of the frozen lower blocks, per view, memory-mapped from the cache folder."""
 
     def __init__(self, model: FractureNet, cfg: TrainConfig, fingerprint: str):
-        self.lower, _ = model.split_at(cfg.unfreeze_blocks)
+        self.lower, self.top = model.split_at(cfg.unfreeze_blocks)
         key = json.dumps([cfg.arch, cfg.weights, model.n_blocks - cfg.unfreeze_blocks,
                           cfg.seed, cfg.size, fingerprint], sort_keys=True)
         import hashlib
@@ -83,23 +83,31 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model = model
 
-    def get(self, name: str, gray: np.ndarray, view: int, batch: int) -> np.ndarray:
-        path = self.dir / f"{name}_view{view}.npy"
-        if path.exists():
-            return np.load(path, mmap_mode="r")
-        if view == 0:
-            src = gray
-        else:
-            torch.manual_seed(10_000 * view + 17)  # each view is reproducible on its own
-            src = augment_batch(gray, train_augmentation())
-        feats = np.concatenate([
-            run_blocks(self.lower, self.model.preprocessing(src[i:i + 256]), batch)
-            for i in _progress(range(0, len(src), 256), f"features {name} view {view}")
-        ]).astype(np.float32)
-        tmp = path.with_name(f".{path.name}.tmp.npy")
-        np.save(tmp, feats)
-        publish(tmp, path)
-        return np.load(path, mmap_mode="r")
+    def get(self, name: str, gray: np.ndarray, view: int, batch: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """(lower-block activations ``(N, C, h, w)``, pooled frozen features ``(N, F)``).
+
+        Both come from one forward pass of the frozen network and are cached on disk, so
+        stage 1 costs no extra pass and ``--resume`` or a re-run costs none at all.
+        """
+        paths = [self.dir / f"{name}_view{view}_{kind}.npy" for kind in ("act", "pooled")]
+        if not all(p.exists() for p in paths):
+            if view == 0:
+                src = gray
+            else:
+                torch.manual_seed(10_000 * view + 17)  # each view is reproducible on its own
+                src = augment_batch(gray, train_augmentation())
+            acts, pooled = [], []
+            for i in _progress(range(0, len(src), 256), f"features {name} view {view}"):
+                a = run_blocks(self.lower, self.model.preprocessing(src[i:i + 256]), batch)
+                acts.append(a)
+                pooled.append(run_blocks(self.top, a, batch).mean(axis=(2, 3)))
+            for p, arr in zip(paths, (acts, pooled), strict=True):
+                tmp = p.with_name(f".{p.name}.tmp.npy")
+                np.save(tmp, np.concatenate(arr).astype(np.float32))
+                publish(tmp, p)
+        act, pooled = (np.load(p, mmap_mode="r") for p in paths)
+        return act, pooled
 
 
 def _progress(it, desc):
@@ -311,17 +319,17 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
         p.requires_grad_(False)
     cache = FeatureCache(model, cfg, index.fingerprint())
     t_feat = time.time()
-    views = [cache.get("train", gray["train"][0], v, cfg.batch_size) for v in range(cfg.views)]
-    val_act = cache.get("val", gray["val"][0], 0, cfg.batch_size)
+    cached = [cache.get("train", gray["train"][0], v, cfg.batch_size) for v in range(cfg.views)]
+    views = [act for act, _ in cached]
+    val_act, pooled_val = cache.get("val", gray["val"][0], 0, cfg.batch_size)
     print(f"cached activations of {len(lower)} frozen blocks for {cfg.views} view(s) in "
           f"{time.time() - t_feat:.0f}s", flush=True)
     ytr, yv = gray["train"][1], gray["val"][1]
     weights = torch.tensor(class_weights(ytr), dtype=torch.float32)
     print(f"class weights (non_fractured, fractured): {weights.tolist()}")
 
-    # Stage 1: pooled features of the frozen top blocks, all views together.
-    pooled = np.concatenate([run_blocks(top, v, 128).mean(axis=(2, 3)) for v in views])
-    pooled_val = run_blocks(top, val_act, 128).mean(axis=(2, 3))
+    # Stage 1: the head on pooled features of the frozen network, all views together.
+    pooled = np.concatenate([p for _, p in cached])
     y_all = np.tile(ytr, cfg.views)
     history: list[dict] = []
     if (run / "history.json").exists() and resume:
