@@ -568,8 +568,6 @@ def test_predict_on_a_folder_of_every_case(tmp_path, tiny_ensemble, capsys):
     assert json.loads((tmp_path / "clean" / "predictions.json").read_text())["predictions"] == rows
 
 
-@pytest.mark.xfail(strict=True, reason="predict.py writes file names as strict UTF-8: a name "
-                   "that is not valid UTF-8 aborts the run and loses every result")
 def test_non_utf8_file_name_does_not_lose_results(tmp_path, tiny_ensemble, capsys):
     d = tmp_path / "in"
     d.mkdir()

@@ -6,7 +6,7 @@ Public API (kept small on purpose)::
 
     import bonefrac
     bonefrac.models.create_model("mobilenetv2")          # torch, needs the [train] extra
-    bonefrac.inference.Predictor.from_dir("models/...")  # ONNX Runtime, no torch
+    bonefrac.inference.Ensemble.load("path/to/model")    # ONNX Runtime, no torch
 """
 
 __version__ = "0.1.0"

@@ -72,6 +72,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """A path as text that is always valid UTF-8 (undecodable bytes shown as \\xNN escapes),
+    so one odd file name cannot break writing CSV/JSON for all the others."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def cache_dir() -> Path:
     """Where converted weights and decoded-image caches live (``$BONEFRAC_CACHE``)."""
     d = Path(os.environ.get("BONEFRAC_CACHE") or Path.home() / ".cache" / "bonefrac")

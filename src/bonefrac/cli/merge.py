@@ -14,6 +14,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from bonefrac.utils import display_path
+
 MODEL_KEYS = ("model_id", "model_fingerprint", "version", "threshold", "operating_points",
               "fusion_weights")
 MAX_SHOWN = 10
@@ -41,7 +43,7 @@ def expected_files(spec: str) -> list[str]:
 
     p = Path(spec)
     if p.is_dir():
-        return [str(f) for f in list_inputs([p])[0]]
+        return [display_path(f) for f in list_inputs([p])[0]]
     lines = p.read_text().splitlines()
     return [str(Path(s.strip())) for s in lines if s.strip() and not s.lstrip().startswith("#")]
 

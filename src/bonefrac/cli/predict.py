@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bonefrac.cli.common import add_model_arg, resolve_model
+from bonefrac.utils import display_path
 
 
 def _positive(value: str) -> int:
@@ -167,12 +168,12 @@ def run(args) -> int:
                            f"{prev.get('model_id')!r} ({str(prev.get('model_fingerprint'))[:12]}),"
                            f" not {info['model_id']!r} ({info['model_fingerprint'][:12]}); "
                            "use another --out")
-        wanted = {str(f) for f in files}
+        wanted = {display_path(f) for f in files}
         done = [r for r in prev["predictions"] if r.get("file") in wanted]
         print(f"resuming: {len(done)} of {len(files)} image(s) already predicted in {out}/",
               file=sys.stderr)
     done_files = {r["file"] for r in done}
-    todo = [f for f in files if str(f) not in done_files]
+    todo = [f for f in files if display_path(f) not in done_files]
     extra = {"backend": args.backend, "shard": "{}/{}".format(*shard) if shard else None,
              "n_inputs": len(files)}
     ckpt = Checkpoint(out, info, done, missing, len(todo), extra)

@@ -35,11 +35,16 @@ def add_arguments(p) -> None:
                    help="use at most N images per split (smoke tests)")
     p.add_argument("--size", type=int, default=None, help="override the input size (smoke tests)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available (bf16 autocast, channels-last), else CPU. "
+                        "Multi-process / multi-node: launch with torchrun --nproc-per-node N "
+                        "-m bonefrac train ...; --batch-size is then the global batch")
     add_policy_arg(p)
 
 
 def run(args) -> int:
     from bonefrac.training import TrainConfig, train
+    from bonefrac.training.distributed import teardown
 
     weights = None if args.weights.lower() == "none" else args.weights
     if args.arch == "efficientnet_b0" and weights == "imagenet":
@@ -52,5 +57,8 @@ def run(args) -> int:
         lr_finetune=args.lr_finetune, patience=args.patience, hidden=args.hidden,
         dropout=args.dropout, seed=args.seed, max_images=args.max_images, size=args.size,
         threshold_policy=args.threshold_policy)
-    train(args.data, args.out, cfg, resume=args.resume)
+    try:
+        train(args.data, args.out, cfg, resume=args.resume, device=args.device)
+    finally:
+        teardown()  # leave the torchrun process group, if any
     return 0

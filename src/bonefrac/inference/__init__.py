@@ -2,7 +2,8 @@
 
     from bonefrac.inference import Ensemble
     ens = Ensemble.load("models/bonefrac-ensemble-v1")   # verifies every file's sha256
-    out = ens.predict_files(["a.jpg", "b.dcm"])
+    from bonefrac.inference.predict import predict_files
+    result = predict_files(ens, [Path("a.jpg"), Path("b.dcm")])  # rows + per-file errors
 """
 
 from bonefrac.inference.ensemble import Ensemble, ModelFileError, fuse

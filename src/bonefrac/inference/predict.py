@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
-from bonefrac.data.io import ImageReadError, _formats, load_gray
+from bonefrac.data.io import ImageReadError, load_gray, open_formats
 from bonefrac.inference.ensemble import Ensemble
 from bonefrac.inference.runners import default_threads
-from bonefrac.utils import write_json, write_text
+from bonefrac.utils import display_path, write_json, write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom",
                   ".gif", ""}
@@ -88,7 +88,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], exclude: Sequence[str | 
         elif p.exists() or p.is_symlink():
             found.setdefault(os.path.abspath(p), (p, p.name))
         else:
-            errors.append({"file": str(p), "reason": "no such file or folder"})
+            errors.append({"file": display_path(p), "reason": "no such file or folder"})
     return sorted(found.values(), key=lambda fk: path_sort_key(fk[0])), errors
 
 
@@ -122,7 +122,7 @@ def image_warning(path: Path, gray: np.ndarray) -> str:
     try:  # header only: Image.open does not decode pixels (DICOM is not sized this way)
         from PIL import Image
 
-        with Image.open(path, formats=_formats()) as im:  # the formats load_gray accepts
+        with Image.open(path, formats=open_formats()) as im:  # the formats load_gray accepts
             w, h = im.size
         if min(w, h) < SMALL_SIDE:
             notes.append(f"image only {w}x{h} px, upscaled to {gray.shape[1]} px")
@@ -154,7 +154,7 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
     for f in paths:
         arr, reason = _decode(f, sizes)
         if arr is None:
-            errors.append({"file": str(f), "reason": reason})
+            errors.append({"file": display_path(f), "reason": reason})
         else:
             ok.append(f)
             decoded.append(arr)
@@ -164,7 +164,8 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
     try:
         pred = ens.predict_gray(gray, explain=explain)
     except Exception as e:  # report the batch's files, keep the run going
-        return [], errors + [{"file": str(f), "reason": f"inference failed ({e})"} for f in ok]
+        return [], errors + [{"file": display_path(f), "reason": f"inference failed ({e})"}
+                             for f in ok]
     rows = []
     for i, f in enumerate(ok):
         big = gray[sizes[-1]][i]  # warnings and overlays use the largest input a member saw
@@ -266,7 +267,7 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
              warning: str = "") -> dict:
     """One output row: fused and member P(fractured), decisions, confidence, model, warning."""
     decision = bool(prob >= ens.threshold)
-    row = {"file": str(path), "prob_fractured": round(float(prob), 6)}
+    row = {"file": display_path(path), "prob_fractured": round(float(prob), 6)}
     row.update({f"prob_{k}": round(float(v), 6) for k, v in member_probs.items()})
     row.update({
         "decision": CLASSES[int(decision)],
