@@ -354,33 +354,31 @@ def test_jpeg_lossless_decodes_like_uncompressed(tmp_path):
     assert np.array_equal(decoded(dst), decoded(src))
 
 
+def _load_gray_without(modules, path, shown):
+    """Run load_gray in a fresh interpreter where ``modules`` cannot be imported (None in
+    sys.modules makes `import m` raise ImportError), as on an install without them."""
+    code = (f"import sys\nfor m in {tuple(modules)!r}: sys.modules[m] = None\n"
+            "from bonefrac.data.io import load_gray, ImageReadError\n"
+            f"try:\n    load_gray({str(path)!r}, 64)\n"
+            f"except ImageReadError as e:\n    print({shown})\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_missing_decoder_names_the_package(tmp_path):
     gdcm = pytest.importorskip("gdcm")
     src = write_dicom(tmp_path / "raw.dcm", real_gray(4))
     dst = _gdcm_transcode(src, tmp_path / "jll.dcm", gdcm.TransferSyntax.JPEGLosslessProcess14_1)
-    # A fresh interpreter where the decoder packages are not importable (None in sys.modules
-    # makes `import gdcm` raise ImportError), as on an install without them.
-    code = ("import sys\n"
-            "for m in ('gdcm', 'libjpeg', 'pylibjpeg'): sys.modules[m] = None\n"
-            "from bonefrac.data.io import load_gray, ImageReadError\n"
-            f"try:\n    load_gray({str(dst)!r}, 64)\n"
-            "except ImageReadError as e:\n    print(e.reason)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert out.returncode == 0, out.stderr
+    out = _load_gray_without(("gdcm", "libjpeg", "pylibjpeg"), dst, "e.reason")
     assert "compressed transfer syntax JPEG Lossless" in out.stdout
     assert "needs a decoder (pip install python-gdcm)" in out.stdout
 
 
 def test_missing_pydicom_says_how_to_install(tmp_path):
     f = write_dicom(tmp_path / "a.dcm", real_gray())
-    code = ("import sys\nsys.modules['pydicom'] = None\n"
-            "from bonefrac.data.io import load_gray, ImageReadError\n"
-            f"try:\n    load_gray({str(f)!r}, 64)\n"
-            "except ImageReadError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    assert out.returncode == 0, out.stderr
+    out = _load_gray_without(("pydicom",), f, "e")
     assert f"{f}: reading DICOM needs pydicom: pip install 'bonefrac[dicom]'" in out.stdout
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from bonefrac import DISCLAIMER
 from bonefrac.cli.main import main
 from bonefrac.evaluation.model_card import SECTIONS
-from bonefrac.evaluation.report import _ROWS
+from bonefrac.evaluation.report import METRIC_ROWS
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
         "track", "wbr"}
@@ -140,7 +140,7 @@ def test_report_on_ensemble(ens_copy, capsys):
     cols = [metrics["metrics"]] + [op["metrics"] for op in metrics["operating_points"].values()]
     assert len(table[0]) == 1 + len(cols) == 4
     assert f"t={metrics['threshold']:.4f}" in table[0][1]
-    for (key, label), row in zip(_ROWS, table[1:], strict=False):
+    for (key, label), row in zip(METRIC_ROWS, table[1:], strict=False):
         assert row[0] == label
         for cell, col in zip(row[1:], cols, strict=True):
             exp = _expected(col[key])
@@ -148,7 +148,7 @@ def test_report_on_ensemble(ens_copy, capsys):
                 assert cell == "n/a"
             else:
                 assert _cell_numbers(cell) == pytest.approx(exp, abs=1.1e-3), (key, cell)
-    counts = table[len(_ROWS) + 1]
+    counts = table[len(METRIC_ROWS) + 1]
     assert counts[1] == "{tp} / {fp} / {tn} / {fn}".format(**metrics["metrics"]["counts"])
 
     # Calibration before -> after on validation (meta) and on the evaluated split (metrics).

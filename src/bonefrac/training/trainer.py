@@ -152,7 +152,7 @@ class FeatureCache:
                                             "pooled": {0: "n"}},
                               opset_version=17, dynamo=False)
             publish(tmp, path)
-        sess = ort.InferenceSession(str(path), session_options(),
+        sess = ort.InferenceSession(str(path), session_options(torch.get_num_threads()),
                                     providers=["CPUExecutionProvider"])
         return sess.run
 
