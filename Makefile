@@ -35,7 +35,7 @@ demo: $(VENV)/.base
 test: $(VENV)/.full
 	PYTHON=$(BIN)/python bash scripts/install_browser.sh
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 lint: $(VENV)/.full
 	$(BIN)/ruff check src tests benchmarks

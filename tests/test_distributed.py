@@ -23,7 +23,7 @@ from bonefrac.training.distributed import Dist, resolve_device, state_digest
 # an empty one; dropout 0 because each rank draws its own masks. These rates make fine-tuning
 # epoch 2 the best epoch, so the compared weights include fine-tuned blocks.
 RECIPE = dict(epochs_frozen=1, views=2, size=TINY_SIZE, batch_size=5, lr_frozen=1e-4,
-              lr_finetune=3e-4, patience=10, dropout=0.0)
+              lr_finetune=3e-4, unfreeze_blocks=5, patience=10, dropout=0.0)
 DIGEST = re.compile(r"\[rank (\d)/2\] (\w+) weights sha256 ([0-9a-f]{64})")
 
 

@@ -9,7 +9,11 @@ import itertools
 
 import numpy as np
 
-from bonefrac.evaluation.calibration import calibrated_prob, fit_temperature
+from bonefrac.evaluation.calibration import (
+    calibrated_prob,
+    fit_fused_temperatures,
+    fit_temperature,
+)
 from bonefrac.evaluation.metrics import brier_score, expected_calibration_error, log_loss, roc_auc
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY, choose_threshold
 
@@ -68,6 +72,9 @@ def fit_on_validation(y_val: np.ndarray, logits_val: dict[str, np.ndarray], *,
         how = f"grid search (step 0.05) minimising validation {fit_weights}"
     else:
         weights, how = equal, "equal weights (default)"
+    if len(names) > 1:  # the ensemble's own calibration, not each member's alone
+        temps = fit_fused_temperatures(logits_val, y_val, weights) if calibrate else temps
+        cal = {n: calibrated_prob(logits_val[n], temps[n]) for n in names}
     fused_raw, fused = fuse_probs(raw, weights), fuse_probs(cal, weights)
     threshold, note = choose_threshold(y_val, fused, policy)
     ops = {}

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
 from bonefrac.data.dataset import DatasetIndex
+from bonefrac.evaluation.calibration import calibrated_prob
 from bonefrac.evaluation.evaluate import collect, evaluate_model
 from bonefrac.evaluation.fitting import fit_on_validation
-from bonefrac.evaluation.thresholds import DEFAULT_POLICY
+from bonefrac.evaluation.thresholds import DEFAULT_POLICY, choose_threshold
 from bonefrac.inference.ensemble import META_NAME, Ensemble
 from bonefrac.utils import sha256_file, write_json
 
@@ -83,10 +84,11 @@ def fit_ensemble(runs: Sequence[str | Path], index: DatasetIndex, out: str | Pat
     val = collect(ens, index.split("val"), desc="validation")
     fit = fit_on_validation(val.y, val.logits, fit_weights=fit_weights, policy=policy)
     for m in members:
-        alone = fit_on_validation(val.y, {m["name"]: val.logits[m["name"]]}, policy=policy)
-        m.update(temperature=fit["temperatures"][m["name"]],
-                 fusion_weight=fit["weights"][m["name"]], threshold=alone["threshold"],
-                 threshold_how=alone["threshold_how"])
+        # the member's own threshold, on its probabilities as calibrated inside the ensemble
+        t = fit["temperatures"][m["name"]]
+        alone, how = choose_threshold(val.y, calibrated_prob(val.logits[m["name"]], t), policy)
+        m.update(temperature=t, fusion_weight=fit["weights"][m["name"]], threshold=alone,
+                 threshold_how=how)
     meta.update({
         "weights_how": fit["weights_how"], "threshold": fit["threshold"],
         "threshold_policy": policy, "threshold_how": fit["threshold_how"],
