@@ -197,6 +197,11 @@ def render_html(inp: ReportInputs) -> tuple[str, list[str]]:
     parts += ([f"<p>{_e(sg[1])}</p>", html_table(sg[0])] if sg else
               ["<p class='muted'>Not evaluated (<code>bonefrac evaluate --subgroup "
                "COLUMN</code>).</p>"])
+    if inp.heatmaps:  # from `bonefrac predict --explain --out Results/<name>`
+        parts += ["<h2>Grad-CAM heat maps</h2>",
+                  "<p class='muted'>Fused Grad-CAM of the fracture logit (members' maps "
+                  "weighted by the fusion weights): where the model looked, not where a "
+                  "fracture is.</p>", _figures(inp.heatmaps, warnings)]
     if by_section.get("training"):
         parts += ["<h2>Training curves</h2>", _figures(by_section["training"], warnings)]
     if by_section.get("other"):

@@ -90,6 +90,7 @@ class ReportInputs:
     threshold_note: str | None = None
     pngs: list[Path] = field(default_factory=list)
     data: DataInfo | None = None
+    heatmaps: list[Path] = field(default_factory=list)  # Results/*/heatmaps/*.png overlays
 
 
 def _read_json(path: Path) -> dict:
@@ -140,7 +141,8 @@ def load_inputs(model_dir: str | Path, results_dir: str | Path | None = None,
         comparison_md=comp.read_text(encoding="utf-8") if comp.is_file() else None,
         threshold_note=note.read_text(encoding="utf-8") if note.is_file() else None,
         pngs=sorted(res.glob("*.png")),
-        data=describe_data(data) if data else None)
+        data=describe_data(data) if data else None,
+        heatmaps=sorted(res.glob("*/heatmaps/*.png")))
 
 
 def describe_data(path: str | Path) -> DataInfo:
