@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +199,3 @@ def run_meta_as_ensemble(run: Path) -> dict:
                      "history": "history.json" if (run / "history.json").is_file() else None}],
     }
 
-
-def member_names(members: Sequence[Member]) -> list[str]:
-    return [m.name for m in members]
