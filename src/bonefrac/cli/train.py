@@ -35,6 +35,10 @@ def add_arguments(p) -> None:
                    help="use at most N images per split (smoke tests)")
     p.add_argument("--size", type=int, default=None, help="override the input size (smoke tests)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--train-bn", action="store_true",
+                   help="fine-tune with BatchNorm in train mode instead of frozen statistics")
+    p.add_argument("--monitor", default=d.monitor, choices=["val_loss", "val_auc"],
+                   help="what early stopping and the LR schedule watch")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (bf16 autocast, channels-last), else CPU. "
                         "Multi-process / multi-node: launch with torchrun --nproc-per-node N "
@@ -56,7 +60,7 @@ def run(args) -> int:
         views=args.views, batch_size=args.batch_size, lr_frozen=args.lr_frozen,
         lr_finetune=args.lr_finetune, patience=args.patience, hidden=args.hidden,
         dropout=args.dropout, seed=args.seed, max_images=args.max_images, size=args.size,
-        threshold_policy=args.threshold_policy)
+        threshold_policy=args.threshold_policy, train_bn=args.train_bn, monitor=args.monitor)
     try:
         train(args.data, args.out, cfg, resume=args.resume, device=args.device)
     finally:

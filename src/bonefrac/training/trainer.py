@@ -233,7 +233,7 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
     stopper = EarlyStopping(cfg.patience)
     # Stages share one best model: fine-tuning must beat the frozen stage to replace it.
-    stopper.best = min((h["val_loss"] for h in history), default=math.inf)
+    stopper.best = min((_monitored(h, cfg) for h in history), default=math.inf)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     start = 0
     best_path = run / "checkpoints" / "best.safetensors"
@@ -258,7 +258,8 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
         order = np.random.permutation(len(x))
         ctx.shuffle_dropout()
         trainable.train()
-        _freeze_bn(model)
+        if not cfg.train_bn:
+            _freeze_bn(model)
         tot, correct, seen = 0.0, 0, 0
         t0 = time.time()
         bar = tqdm(range(0, len(x), cfg.batch_size), desc=f"{stage} {epoch}/{epochs}",
@@ -285,8 +286,10 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
             val_acc = float((vl.argmax(1) == yv).float().mean())
             val_auc = roc_auc(val_y, (vl[:, 1] - vl[:, 0]).cpu().numpy())
         val_loss = ctx.broadcast(val_loss)  # identical decisions on every rank
-        improved = stopper.step(val_loss)
-        sched.step(val_loss)
+        val_auc = ctx.broadcast(val_auc)
+        monitored = _monitored({"val_loss": val_loss, "val_auc": val_auc}, cfg)
+        improved = stopper.step(monitored)
+        sched.step(monitored)
         rec = {"stage": stage, "epoch": epoch, "loss": tot / seen, "accuracy": correct / seen,
                "val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc,
                "lr": opt.param_groups[0]["lr"],
@@ -308,6 +311,11 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
         model.load_state_dict(load_file(str(best_path)))
     ctx.sync_model(model)
     return history
+
+
+def _monitored(rec: dict, cfg: TrainConfig) -> float:
+    """The quantity early stopping and the LR schedule minimise."""
+    return -rec["val_auc"] if cfg.monitor == "val_auc" else rec["val_loss"]
 
 
 def _freeze_bn(model: nn.Module) -> None:
