@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac.data.preprocess import Preprocessing
+from bonefrac.evaluation.calibration import calibrated_prob
 from bonefrac.utils import sha256_file
 
 META_NAME = "ensemble_meta.json"
@@ -35,12 +36,6 @@ def fuse(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float]) -
         raise ValueError(f"fusion weights must be >= 0 and sum to 1, got {dict(weights)}")
     return sum(wi * np.asarray(p, np.float64) for wi, p in zip(w, member_probs.values(),
                                                                strict=True))
-
-
-def sigmoid_of_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    from bonefrac.evaluation.calibration import calibrated_prob
-
-    return calibrated_prob(logits, temperature)
 
 
 @dataclass
@@ -145,7 +140,7 @@ class Ensemble:
         if isinstance(gray, np.ndarray):
             gray = {s: gray for s in self.sizes}
         outs = self.member_logits(gray, want_cam=explain)
-        probs = {m.name: sigmoid_of_logits(outs[m.name][0], m.temperature) for m in self.members}
+        probs = {m.name: calibrated_prob(outs[m.name][0], m.temperature) for m in self.members}
         cam = None
         if explain:
             cam = sum(m.weight * _normalise_cam(outs[m.name][1]) for m in self.members)

@@ -18,6 +18,7 @@ and ``--resume``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,7 +86,8 @@ class _Frozen(nn.Module):
 
 
 class FeatureCache:
-    """Activations of the frozen lower blocks, per view, memory-mapped from the cache folder."""
+    """Per view: activations of the frozen lower blocks and pooled features of the whole frozen
+    network, memory-mapped from the cache folder."""
 
     def __init__(self, model: FractureNet, cfg: TrainConfig, fingerprint: str):
         self.lower, self.top = model.split_at(cfg.unfreeze_blocks)
@@ -93,8 +95,6 @@ class FeatureCache:
                           cfg.seed, cfg.size, fingerprint], sort_keys=True)
         if next(model.parameters()).is_cuda:
             key += "|bf16-autocast"  # GPU activations differ from CPU fp32 ones
-        import hashlib
-
         self.dir = cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:20]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model = model
@@ -220,7 +220,7 @@ def _load_checkpoint(run: Path, stage: str, model: FractureNet, opt, sched,
 def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, train_x, train_y,
                val_x, val_y, *, epochs: int, lr: float, cfg: TrainConfig, weights: torch.Tensor,
                run: Path, history: list[dict], resume: bool, ctx: Dist) -> list[dict]:
-    """One training stage with Adam, ReduceLROnPlateau and early stopping on val loss.
+    """One training stage with Adam, ReduceLROnPlateau and early stopping on ``cfg.monitor``.
 
     ``train_x(epoch)`` returns that epoch's inputs; ``forward(x)`` maps inputs to logits.
     Distributed (``ctx``): see :mod:`bonefrac.training.distributed`.
