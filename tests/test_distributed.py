@@ -21,14 +21,18 @@ from bonefrac.training.distributed import Dist, resolve_device, state_digest
 
 # --batch-size 5 over 2 ranks gives uneven shares (3 + 2) and, for the 16th fine-tuning sample,
 # an empty one; dropout 0 because each rank draws its own masks. These rates make fine-tuning
-# epoch 2 the best epoch, so the compared weights include fine-tuned blocks.
+# epoch 2 the best epoch, so the compared weights include fine-tuned blocks. Frozen BatchNorm
+# (per-rank batch statistics differ from one process's) and the plateau schedule (a one-cycle
+# schedule depends on the epoch count, which the resumed run raises) make the runs comparable.
 RECIPE = dict(epochs_frozen=1, views=2, size=TINY_SIZE, batch_size=5, lr_frozen=1e-4,
-              lr_finetune=3e-4, unfreeze_blocks=5, patience=10, dropout=0.0)
+              lr_finetune=3e-4, unfreeze_blocks=5, patience=10, dropout=0.0,
+              schedule="plateau", monitor="val_loss")
 DIGEST = re.compile(r"\[rank (\d)/2\] (\w+) weights sha256 ([0-9a-f]{64})")
 
 
 def _cli_args(cfg: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+    flags = {"monitor": "stop-on"}
+    return [f"--{flags.get(k, k.replace('_', '-'))}={v}" for k, v in cfg.items()]
 
 
 def _free_port() -> int:
@@ -41,7 +45,7 @@ def _torchrun(out, cache, *extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes",
            "1", "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port",
            str(_free_port()), "-m", "bonefrac", "train", "--data", str(TEST_DATA), "--out",
-           str(out), "--device", "cpu", *extra]
+           str(out), "--device", "cpu", "--bn", "frozen", *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "BONEFRAC_CACHE": str(cache)})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
@@ -59,8 +63,8 @@ def runs(tmp_path_factory):
                                                                 "epochs_finetune": 1}))
     resumed = _torchrun(base / "ddp", base / "cache", "--resume",
                         *_cli_args({**RECIPE, "epochs_finetune": 2}))
-    single = train(TEST_DATA, base / "single", TrainConfig(**RECIPE, epochs_finetune=2),
-                   device="cpu")
+    single = train(TEST_DATA, base / "single",
+                   TrainConfig(**RECIPE, epochs_finetune=2, train_bn=False), device="cpu")
     return {"first": first, "resumed": resumed, "ddp": base / "ddp", "single": single}
 
 
@@ -117,6 +121,15 @@ def test_matches_single_process_run(runs):
     diff = np.concatenate([np.abs(a[k].astype(np.float64) - b[k]).ravel() for k in a])
     assert np.mean(diff > 1e-6) < 1e-4, np.mean(diff > 1e-6)
     assert diff.max() < 5e-4, diff.max()
+
+
+def test_replicas_agree_with_batchnorm_in_train_mode(tmp_path):
+    """With ``--bn train`` (the default) each rank updates BatchNorm running statistics from
+    its own share of the batch; rank 0's are copied to the others after every epoch."""
+    p = _torchrun(tmp_path / "run", tmp_path / "cache", "--bn", "train",
+                  *_cli_args({**RECIPE, "epochs_finetune": 1}))
+    found = [(s, d) for _, s, d in DIGEST.findall(p.stderr) if s == "finetune"]
+    assert len(found) == 2 and found[0][1] == found[1][1], p.stderr[-3000:]
 
 
 def test_split_loss_gives_the_global_batch_gradient():

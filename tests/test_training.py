@@ -44,8 +44,9 @@ def test_run_writes_every_artifact(tiny_runs):
 
 
 def _cfg(**kw):
-    return TrainConfig(epochs_frozen=2, epochs_finetune=2, views=2, size=TINY_SIZE,
-                       batch_size=16, patience=10, **kw)
+    base = dict(epochs_frozen=2, epochs_finetune=2, views=2, size=TINY_SIZE, batch_size=16,
+                patience=10)
+    return TrainConfig(**{**base, **kw})
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
@@ -83,3 +84,21 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     assert [h["epoch"] for h in ha] == [h["epoch"] for h in hb]
     np.testing.assert_allclose([h["val_loss"] for h in ha], [h["val_loss"] for h in hb],
                                atol=1e-5)
+    np.testing.assert_allclose([h["lr"] for h in ha], [h["lr"] for h in hb])  # schedule resumed
+
+
+def test_late_views_skip_pooled_features_and_one_cycle_decays(tmp_path, monkeypatch):
+    from bonefrac.training.trainer import STAGE1_VIEWS
+
+    monkeypatch.setenv("BONEFRAC_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(views=STAGE1_VIEWS + 1, epochs_frozen=1, epochs_finetune=3)
+    run = train(TEST_DATA, tmp_path / "run", cfg, finalize=False)
+    (feats,) = (tmp_path / "cache" / "features").iterdir()
+    last = STAGE1_VIEWS  # the first view that stage 1 does not use
+    assert (feats / f"train_view{last}_act.npy").exists()
+    assert not (feats / f"train_view{last}_pooled.npy").exists()
+    assert (feats / f"train_view{last - 1}_pooled.npy").exists()
+    hist = json.loads((run / "history.json").read_text())
+    lrs = [h["lr"] for h in hist if h["stage"] == "finetune"]
+    assert len(lrs) == 3 and cfg.lr_finetune >= lrs[0] > lrs[1] > lrs[2]
+    assert lrs[2] < 1e-3 * cfg.lr_finetune  # annealed to ~0 at the end

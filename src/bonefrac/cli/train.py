@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--unfreeze-blocks", type=int, default=d.unfreeze_blocks,
                    help="how many top backbone blocks stage 2 fine-tunes")
     p.add_argument("--views", type=int, default=d.views,
-                   help="cached views per training image: 1 clean + N-1 augmented")
+                   help="cached views per training image: 1 clean + N-1 augmented; "
+                        "fine-tuning epoch e uses view (e-1) mod N")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr-frozen", type=float, default=d.lr_frozen)
     p.add_argument("--lr-finetune", type=float, default=d.lr_finetune)
@@ -35,10 +36,14 @@ def add_arguments(p) -> None:
                    help="use at most N images per split (smoke tests)")
     p.add_argument("--size", type=int, default=None, help="override the input size (smoke tests)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--train-bn", action="store_true",
-                   help="fine-tune with BatchNorm in train mode instead of frozen statistics")
-    p.add_argument("--monitor", default=d.monitor, choices=["val_loss", "val_auc"],
-                   help="what early stopping and the LR schedule watch")
+    p.add_argument("--bn", choices=("train", "frozen"), default="train" if d.train_bn else "frozen",
+                   help="BatchNorm of the fine-tuned blocks: batch statistics (train) or the "
+                        "ImageNet statistics (frozen)")
+    # Not "--monitor": torchrun's parser would take it for an abbreviation of its own option.
+    p.add_argument("--stop-on", default=d.monitor, choices=["val_loss", "val_auc"],
+                   help="what early stopping (and the plateau schedule) watch")
+    p.add_argument("--schedule", default=d.schedule, choices=["onecycle", "plateau"],
+                   help="stage 2's learning-rate schedule")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (bf16 autocast, channels-last), else CPU. "
                         "Multi-process / multi-node: launch with torchrun --nproc-per-node N "
@@ -60,7 +65,8 @@ def run(args) -> int:
         views=args.views, batch_size=args.batch_size, lr_frozen=args.lr_frozen,
         lr_finetune=args.lr_finetune, patience=args.patience, hidden=args.hidden,
         dropout=args.dropout, seed=args.seed, max_images=args.max_images, size=args.size,
-        threshold_policy=args.threshold_policy, train_bn=args.train_bn, monitor=args.monitor)
+        threshold_policy=args.threshold_policy, train_bn=args.bn == "train", monitor=args.stop_on,
+        schedule=args.schedule)
     try:
         train(args.data, args.out, cfg, resume=args.resume, device=args.device)
     finally:

@@ -120,27 +120,28 @@ class Dist:
                 f"({', '.join(f'{lr:g}' for lr in lrs)}), no scaling")
 
     # -- data ---------------------------------------------------------------------------------
+    # Channels-last everywhere: measured on the 2 CPU cores it makes a fine-tuning step of the
+    # top 12 blocks 1.23x (MobileNetV2) and 1.44x (EfficientNet-Lite0) faster.
     def tensor(self, a: np.ndarray) -> torch.Tensor:
-        """A numpy (or memory-mapped) batch on this rank's device; 4-D is channels-last on CUDA."""
+        """A numpy (or memory-mapped) batch on this rank's device; 4-D is channels-last."""
         t = torch.from_numpy(np.array(a))
         if self.device.type == "cuda":
             t = t.to(self.device, non_blocking=True)
-            if t.ndim == 4:
-                t = t.contiguous(memory_format=torch.channels_last)
+        if t.ndim == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
         return t
 
     def place(self, model: nn.Module) -> nn.Module:
-        """``model`` on this rank's device (channels-last on CUDA)."""
-        if self.device.type == "cuda":
-            model = model.to(self.device, memory_format=torch.channels_last)
-        return model
+        """``model`` on this rank's device, channels-last."""
+        return model.to(self.device, memory_format=torch.channels_last)
 
     # -- training -----------------------------------------------------------------------------
     def wrap(self, trainable: nn.Module, forward: Callable) -> tuple[nn.Module, nn.Module]:
         """(module to train with, module to evaluate with) for one stage; DDP when distributed.
 
         ``forward`` maps inputs to logits using only ``trainable``'s parameters (and frozen
-        ones). BatchNorm statistics are frozen, so buffers are not re-broadcast each step.
+        ones). Buffers are not broadcast each step: BatchNorm in train mode normalises with
+        batch statistics, and :meth:`sync_buffers` aligns the running ones once per epoch.
         """
         net = _Stage(trainable, forward, self.amp)
         if self.world == 1:
@@ -149,7 +150,7 @@ class Dist:
 
         ddp = DistributedDataParallel(
             net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            forward_sync_buffers=False)
+            broadcast_buffers=False)
         return ddp, net
 
     def loss(self, loss_fn: nn.CrossEntropyLoss, logits: torch.Tensor, y: torch.Tensor,
@@ -235,6 +236,12 @@ class Dist:
         """Every rank takes rank 0's weights (e.g. the best ones, which rank 0 reads)."""
         if self.world > 1:
             broadcast_tensors(list(model.state_dict().values()))
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics, which each rank updates from its own
+        share of the batch) on every rank, so that validation and the replicas agree."""
+        if self.world > 1:
+            broadcast_tensors(list(module.buffers()))
 
     def log_replica(self, model: nn.Module, what: str) -> None:
         """One stderr line per rank with a digest of its weights: replicas must agree."""

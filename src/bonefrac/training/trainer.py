@@ -6,14 +6,16 @@ the network only needs a forward pass. So:
 1. Decode every image once to 224x224 uint8 (cached on disk).
 2. Run the frozen lower blocks once per *view*: view 0 is the clean image, views 1..V-1 are
    randomly augmented copies (rotation, translation, zoom, flip). Their activations are cached.
-3. Stage 1 (frozen backbone): train the head on pooled features of all views.
+   With as many views as fine-tuning epochs, every epoch sees a fresh augmentation, as online
+   augmentation would (measured on a GPU: same validation AUC), at a fraction of the cost.
+3. Stage 1 (frozen backbone): train the head on pooled features of the first views.
 4. Stage 2 (fine-tuning): train the top ``unfreeze_blocks`` blocks + head on the cached
-   activations, one view per epoch. BatchNorm statistics stay frozen (as in Keras fine-tuning),
-   which also makes training on cached activations exactly the full network's computation.
+   activations, one view per epoch, with a one-cycle learning rate. BatchNorm of those blocks
+   uses batch statistics by default (``train_bn``); frozen statistics tolerate only ~1e-5.
 
-Both stages: cross-entropy with inverse-frequency class weights, Adam, ReduceLROnPlateau, early
-stopping on validation loss with the best weights restored; safetensors checkpoints every epoch
-and ``--resume``.
+Both stages: cross-entropy with inverse-frequency class weights, Adam, early stopping on
+``cfg.monitor`` (validation AUC by default) with the best weights restored; safetensors
+checkpoints every epoch and ``--resume``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ class _Frozen(nn.Module):
         return a, self.top(a).mean(dim=(2, 3))
 
 
+# Stage 1 trains only the head, on pooled features; a few views suffice for it, and the other
+# views skip the upper half of the frozen network (measured: MobileNetV2 105 -> 174 img/s).
+STAGE1_VIEWS = 4
+
+
 class FeatureCache:
     """Per view: activations of the frozen lower blocks and pooled features of the whole frozen
     network, memory-mapped from the cache folder."""
@@ -99,14 +106,16 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model = model
 
-    def get(self, name: str, gray: np.ndarray, view: int, batch: int
-            ) -> tuple[np.ndarray, np.ndarray]:
-        """(lower-block activations ``(N, C, h, w)``, pooled frozen features ``(N, F)``).
+    def get(self, name: str, gray: np.ndarray, view: int, batch: int, pooled: bool = True
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(lower-block activations ``(N, C, h, w)``, pooled frozen features ``(N, F)`` or None).
 
         Both come from one forward pass of the frozen network and are cached on disk, so
-        stage 1 costs no extra pass and ``--resume`` or a re-run costs none at all.
+        stage 1 costs no extra pass and ``--resume`` or a re-run costs none at all. With
+        ``pooled=False`` the upper frozen blocks are not run.
         """
-        paths = [self.dir / f"{name}_view{view}_{kind}.npy" for kind in ("act", "pooled")]
+        kinds = ("act", "pooled") if pooled else ("act",)
+        paths = [self.dir / f"{name}_view{view}_{kind}.npy" for kind in kinds]
         if not all(p.exists() for p in paths):
             if view == 0:
                 src = gray
@@ -114,17 +123,17 @@ class FeatureCache:
                 torch.manual_seed(10_000 * view + 17)  # each view is reproducible on its own
                 src = augment_batch(gray, train_augmentation())
             run = self._frozen_session()
-            acts, pooled = [], []
+            outs: list[list[np.ndarray]] = [[] for _ in kinds]
             for i in _progress(range(0, len(src), batch), f"features {name} view {view}"):
-                a, p = run(None, {"input": self.model.preprocessing(src[i:i + batch])})
-                acts.append(a)
-                pooled.append(p)
-            for p, arr in zip(paths, (acts, pooled), strict=True):
+                res = run(list(kinds), {"input": self.model.preprocessing(src[i:i + batch])})
+                for o, r in zip(outs, res, strict=True):
+                    o.append(r)
+            for p, arr in zip(paths, outs, strict=True):
                 tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp.npy")  # several processes
                 np.save(tmp, np.concatenate(arr).astype(np.float32))
                 publish(tmp, p)
-        act, pooled = (np.load(p, mmap_mode="r") for p in paths)
-        return act, pooled
+        act, *rest = (np.load(p, mmap_mode="r") for p in paths)
+        return act, (rest[0] if rest else None)
 
     def _frozen_session(self):
         """The frozen network as an ONNX Runtime session: input -> (activations, pooled).
@@ -133,8 +142,10 @@ class FeatureCache:
         and they dominate the training time; the activations agree to ~1e-6.
         """
         if next(self.lower.parameters()).is_cuda:  # GPU: torch (bf16 autocast), not ORT's CPU
-            def run(_, feed):
+            def run(outputs, feed):
                 a = run_blocks(self.lower, feed["input"], len(feed["input"]))
+                if "pooled" not in outputs:
+                    return [a]
                 return a, run_blocks(self.top, a, len(a)).mean(axis=(2, 3))
             return run
         import onnxruntime as ort
@@ -219,10 +230,14 @@ def _load_checkpoint(run: Path, stage: str, model: FractureNet, opt, sched,
 
 def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, train_x, train_y,
                val_x, val_y, *, epochs: int, lr: float, cfg: TrainConfig, weights: torch.Tensor,
-               run: Path, history: list[dict], resume: bool, ctx: Dist) -> list[dict]:
-    """One training stage with Adam, ReduceLROnPlateau and early stopping on ``cfg.monitor``.
+               run: Path, history: list[dict], resume: bool, ctx: Dist,
+               schedule: str = "plateau") -> list[dict]:
+    """One training stage with Adam, a learning-rate ``schedule`` ("plateau": ReduceLROnPlateau
+    on ``cfg.monitor``; "onecycle": per-batch one-cycle peaking at ``lr``) and early stopping on
+    ``cfg.monitor``.
 
-    ``train_x(epoch)`` returns that epoch's inputs; ``forward(x)`` maps inputs to logits.
+    ``train_x(epoch)`` returns that epoch's inputs (all epochs the same length);
+    ``forward(x)`` maps inputs to logits.
     Distributed (``ctx``): see :mod:`bonefrac.training.distributed`.
     """
     from tqdm.auto import tqdm
@@ -230,7 +245,12 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
     net, evaluate = ctx.wrap(trainable, forward)  # DDP when distributed
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
+    if schedule == "onecycle":
+        steps = math.ceil(len(train_x(1)) / cfg.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, epochs=epochs, steps_per_epoch=steps,
+                                                    pct_start=0.1)
+    else:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
     stopper = EarlyStopping(cfg.patience)
     # Stages share one best model: fine-tuning must beat the frozen stage to replace it.
     stopper.best = min((_monitored(h, cfg) for h in history), default=math.inf)
@@ -273,10 +293,14 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            lr_used = opt.param_groups[0]["lr"]  # what the history reports: this epoch's last
+            if schedule == "onecycle":
+                sched.step()
             tot += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{tot / seen:.4f}")
+        ctx.sync_buffers(trainable)
         if ctx.world > 1:  # global-batch numbers; ctx.loss scales each rank's loss by world
             tot, correct = ctx.all_sum(tot / ctx.world, correct)
         model.eval()
@@ -289,10 +313,11 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
         val_auc = ctx.broadcast(val_auc)
         monitored = _monitored({"val_loss": val_loss, "val_auc": val_auc}, cfg)
         improved = stopper.step(monitored)
-        sched.step(monitored)
+        if schedule == "plateau":
+            sched.step(monitored)
         rec = {"stage": stage, "epoch": epoch, "loss": tot / seen, "accuracy": correct / seen,
                "val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc,
-               "lr": opt.param_groups[0]["lr"],
+               "lr": lr_used,
                "seconds": round(time.time() - t0, 2)}
         history.append(rec)
         print(f"{stage} epoch {epoch}: loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} | "
@@ -400,8 +425,10 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     cache = FeatureCache(model, cfg, index.fingerprint())
     t_feat = time.time()
     jobs = [("train", v) for v in range(cfg.views)] + [("val", 0)]  # each by one rank
-    ctx.spread([partial(cache.get, sp, gray[sp][0], v, cfg.batch_size) for sp, v in jobs])
-    cached = [cache.get("train", gray["train"][0], v, cfg.batch_size) for v in range(cfg.views)]
+    ctx.spread([partial(cache.get, sp, gray[sp][0], v, cfg.batch_size, v < STAGE1_VIEWS)
+                for sp, v in jobs])
+    cached = [cache.get("train", gray["train"][0], v, cfg.batch_size, v < STAGE1_VIEWS)
+              for v in range(cfg.views)]
     views = [act for act, _ in cached]
     val_act, pooled_val = cache.get("val", gray["val"][0], 0, cfg.batch_size)
     print(f"cached activations of {len(lower)} frozen blocks for {cfg.views} view(s) in "
@@ -410,9 +437,9 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     weights = torch.tensor(class_weights(ytr), dtype=torch.float32, device=ctx.device)
     print(f"class weights (non_fractured, fractured): {weights.tolist()}")
 
-    # Stage 1: the head on pooled features of the frozen network, all views together.
-    pooled = np.concatenate([p for _, p in cached])
-    y_all = np.tile(ytr, cfg.views)
+    # Stage 1: the head on pooled features of the frozen network, the first views together.
+    pooled = np.concatenate([p for _, p in cached if p is not None])
+    y_all = np.tile(ytr, len(pooled) // len(ytr))
     history: list[dict] = []
     if (run / "history.json").exists() and resume:
         history = json.loads((run / "history.json").read_text())
@@ -421,7 +448,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
                          epochs=cfg.epochs_frozen, lr=cfg.lr_frozen, cfg=cfg, weights=weights,
                          run=run, history=history, resume=resume, ctx=ctx)
 
-    # Stage 2: fine-tune the top blocks on one cached view per epoch.
+    # Stage 2: fine-tune the top blocks on one cached view per epoch (a fresh one while they last).
     if cfg.unfreeze_blocks > 0 and cfg.epochs_finetune > 0:
         for p in top.parameters():
             p.requires_grad_(True)
@@ -430,7 +457,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
                              lambda e: views[(e - 1) % cfg.views], lambda e: ytr, val_act, yv,
                              epochs=cfg.epochs_finetune, lr=cfg.lr_finetune, cfg=cfg,
                              weights=weights, run=run, history=history, resume=resume,
-                             ctx=ctx)
+                             ctx=ctx, schedule=cfg.schedule)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
