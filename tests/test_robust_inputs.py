@@ -578,3 +578,22 @@ def test_non_utf8_file_name_does_not_lose_results(tmp_path, tiny_ensemble, capsy
     assert code == 0, err
     out = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert out["n_ok"] == 2
+
+
+def test_training_and_prediction_scans_take_the_same_image_suffixes(tmp_path):
+    """One suffix list (bonefrac.data.io.IMAGE_SUFFIXES) for training folders and prediction;
+    prediction alone also tries suffix-less files (DICOM exports often have none)."""
+    from bonefrac.data.dataset import scan_folder
+
+    names = ["a.JPG", "b.gif", "c.dicom", "d.jp2", "e.pgm", "f.txt", "g.csv", "noext",
+             ".hidden.png"]
+    for cls in ("fractured", "non_fractured"):
+        (tmp_path / cls).mkdir()
+        for n in names:
+            (tmp_path / cls / n).write_bytes(b"x")
+    trained = sorted(s.rel for s in scan_folder(tmp_path))
+    files, _ = list_inputs([tmp_path])
+    predicted = sorted(p.relative_to(tmp_path).as_posix() for p in files)
+    images = ["a.JPG", "b.gif", "c.dicom", "d.jp2", "e.pgm"]
+    assert trained == sorted(f"{c}/{n}" for c in ("fractured", "non_fractured") for n in images)
+    assert predicted == sorted(trained + ["fractured/noext", "non_fractured/noext"])

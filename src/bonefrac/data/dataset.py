@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac import CLASSES
-from bonefrac.data.io import ImageReadError, load_gray
+from bonefrac.data.io import IMAGE_SUFFIXES, ImageReadError, load_gray
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test"}
@@ -69,7 +68,10 @@ class DatasetIndex:
 
 
 def scan_folder(root: str | os.PathLike) -> list[Sample]:
-    """All image files under ``root/<class>/`` (recursively), labelled by class folder."""
+    """All image files under ``root/<class>/`` (recursively), labelled by class folder.
+
+    Hidden files and folders are skipped, as prediction skips them (e.g. macOS ``._x.jpg``).
+    """
     root = Path(root)
     missing = [c for c in CLASSES if not (root / c).is_dir()]
     if missing:
@@ -77,7 +79,8 @@ def scan_folder(root: str | os.PathLike) -> list[Sample]:
     out = []
     for label, cls in enumerate(CLASSES):
         for p in sorted((root / cls).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            hidden = any(part.startswith(".") for part in p.relative_to(root / cls).parts)
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not hidden:
                 out.append(Sample(p, p.relative_to(root).as_posix(), label))
     return out
 

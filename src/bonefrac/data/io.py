@@ -34,6 +34,11 @@ MIN_SIDE = 16
 FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "GIF", "WEBP", "JPEG2000", "PPM", "AVIF",
            "HEIF")
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# What a folder scan (training folders, prediction folders, uploads) takes for an image: the
+# suffixes of FORMATS and DICOM. Prediction also tries files without a suffix (DICOM exports).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                            ".jp2", ".j2k", ".pgm", ".ppm", ".avif", ".heic", ".heif",
+                            *DICOM_SUFFIXES})
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
-from bonefrac.data.io import ImageReadError, load_gray, open_formats
+from bonefrac.data.io import IMAGE_SUFFIXES, ImageReadError, load_gray, open_formats
 from bonefrac.inference.ensemble import Ensemble
 from bonefrac.inference.runners import default_threads
 from bonefrac.utils import display_path, write_json, write_text
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom",
-                  ".gif", ""}
+# Prediction also tries files without a suffix: DICOM exports often have none.
+PREDICT_SUFFIXES = IMAGE_SUFFIXES | {""}
 DEFAULT_BATCH = 8
 # Warnings (cheap checks, chosen so that none of the 4,148 reference radiographs trips them:
 # their smallest side is >= 111 px and their pixel standard deviation >= 12 grey levels).
@@ -83,7 +83,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], exclude: Sequence[str | 
                                  and os.path.realpath(os.path.join(root, d)) not in skip)
                 for n in names:
                     f = Path(root) / n
-                    if f.suffix.lower() in IMAGE_SUFFIXES and not n.startswith("."):
+                    if f.suffix.lower() in PREDICT_SUFFIXES and not n.startswith("."):
                         found.setdefault(os.path.abspath(f), (f, f.relative_to(p).as_posix()))
         elif p.exists() or p.is_symlink():
             found.setdefault(os.path.abspath(p), (p, p.name))

@@ -16,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 
 from bonefrac.data.io import DICOM_SUFFIXES, ImageReadError, load_gray
-from bonefrac.inference.predict import IMAGE_SUFFIXES, image_warning
+from bonefrac.inference.predict import PREDICT_SUFFIXES, image_warning
 
 # Leading bytes of each format ``bonefrac.data.io.FORMATS`` decodes (DICOM is checked apart).
 MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -82,9 +82,9 @@ def check_upload(filename: str, f: BinaryIO, max_bytes: int) -> str:
         UploadError: 413 over ``max_bytes``; 415 unsupported suffix or content; 422 empty file.
     """
     suffix = Path(filename).suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
+    if suffix not in PREDICT_SUFFIXES:
         raise UploadError(415, f"unsupported file type '{suffix}' (accepted: "
-                               f"{', '.join(sorted(x for x in IMAGE_SUFFIXES if x))} or none)")
+                               f"{', '.join(sorted(x for x in PREDICT_SUFFIXES if x))} or none)")
     size = upload_size(f)
     if size > max_bytes:
         raise UploadError(413, f"file is {human_bytes(size)}, over the "
