@@ -1,11 +1,11 @@
 """Recipe sweep on a lent GPU: which fine-tuning recipe to run on the 2 CPU cores.
 
-Trains the same head and backbones as bonefrac (re-implemented here with per-sample affine
-augmentation on the GPU, so that a 12-epoch run takes ~20 s) and prints validation ROC-AUC per
-epoch. The pack holds train and validation only, so recipes are chosen without the test split.
+Trains bonefrac's own model (``create_model``), with per-sample affine augmentation done on the
+GPU so that a 12-epoch run takes ~20 s, and prints validation ROC-AUC per epoch. The pack holds
+train and validation only, so recipes are chosen without the test split.
 
     python benchmarks/recipe_sweep/make_pack.py ../shared/data/bone-fracture .gpu   # here
-    ROUND=1 PACK=.gpu python3 benchmarks/recipe_sweep/sweep.py                     # on the GPU
+    ROUND=1 PACK=.gpu PYTHONPATH=src python3 benchmarks/recipe_sweep/sweep.py      # on the GPU
 
 Results of the two rounds run for the shipped recipe (H100, 2026-11-27): round1_val.json and
 round2_val.json (per-epoch history and final validation probabilities of every run).
@@ -21,16 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
+
+from bonefrac.models import create_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OUT = os.environ.get("OUT", "/tmp/sweep_out")
 PACK = os.environ.get("PACK", ".gpu")
 SMOKE = os.environ.get("SMOKE") == "1"  # a few images, 1+1 epochs: checks the script on a CPU
 BUDGET = float(os.environ.get("BUDGET", "520"))  # seconds after which no new run starts
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def load_split(pack, sp: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,41 +61,27 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def backbone(arch: str) -> tuple[list[nn.Module], int, tuple, tuple]:
-    """The same blocks as bonefrac's registry: (blocks, features, mean, std)."""
-    def weights(name: str) -> dict:
-        sd = load_file(f"{PACK}/{name}.safetensors")
-        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-    if arch == "mnv2":
-        from torchvision.models import mobilenet_v2
-
-        net = mobilenet_v2(weights=None)
-        net.load_state_dict(weights("mnv2"))
-        return list(net.features), 1280, *IMAGENET
-    import timm
-
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    net.load_state_dict(weights("lite0"))
-    blocks = [nn.Sequential(net.conv_stem, net.bn1), *[b for s in net.blocks for b in s],
-              nn.Sequential(net.conv_head, net.bn2)]
-    return blocks, net.num_features, (0.5,) * 3, (0.5,) * 3
+ARCHS = {"mnv2": "mobilenetv2", "lite0": "efficientnet_lite0"}
 
 
 class Net(nn.Module):
-    def __init__(self, arch: str, hidden: int = 256, dropout: float = 0.3):
-        super().__init__()
-        blocks, nf, mean, std = backbone(arch)
-        self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Linear(nf, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                  nn.Linear(hidden, 2))
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+    """bonefrac's own model (``create_model``) on ``(B, 1, H, W)`` images in [0, 1], with the
+    backbone's normalisation applied on the device."""
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) in [0, 1]
+    def __init__(self, arch: str):
+        super().__init__()
+        self.net = create_model(ARCHS[arch], f"{PACK}/{arch}.safetensors")
+        pp = self.net.preprocessing
+        self.register_buffer("mean", torch.tensor(pp.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1))
+
+    @property
+    def features(self) -> nn.Sequential:
+        return self.net.features
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
         x = (x01.expand(-1, 3, -1, -1) - self.mean) / self.std
-        return self.head(self.features(x.contiguous(memory_format=torch.channels_last))
-                         .mean((2, 3)))
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
 @torch.no_grad()
