@@ -106,15 +106,15 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model = model
 
-    def get(self, name: str, gray: np.ndarray, view: int, batch: int, pooled: bool = True
+    def get(self, name: str, gray: np.ndarray, view: int, batch: int
             ) -> tuple[np.ndarray, np.ndarray | None]:
         """(lower-block activations ``(N, C, h, w)``, pooled frozen features ``(N, F)`` or None).
 
         Both come from one forward pass of the frozen network and are cached on disk, so
-        stage 1 costs no extra pass and ``--resume`` or a re-run costs none at all. With
-        ``pooled=False`` the upper frozen blocks are not run.
+        stage 1 costs no extra pass and ``--resume`` or a re-run costs none at all. Views from
+        ``STAGE1_VIEWS`` on have no pooled features: the upper frozen blocks are not run.
         """
-        kinds = ("act", "pooled") if pooled else ("act",)
+        kinds = ("act", "pooled") if view < STAGE1_VIEWS else ("act",)
         paths = [self.dir / f"{name}_view{view}_{kind}.npy" for kind in kinds]
         if not all(p.exists() for p in paths):
             if view == 0:
@@ -425,10 +425,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     cache = FeatureCache(model, cfg, index.fingerprint())
     t_feat = time.time()
     jobs = [("train", v) for v in range(cfg.views)] + [("val", 0)]  # each by one rank
-    ctx.spread([partial(cache.get, sp, gray[sp][0], v, cfg.batch_size, v < STAGE1_VIEWS)
-                for sp, v in jobs])
-    cached = [cache.get("train", gray["train"][0], v, cfg.batch_size, v < STAGE1_VIEWS)
-              for v in range(cfg.views)]
+    ctx.spread([partial(cache.get, sp, gray[sp][0], v, cfg.batch_size) for sp, v in jobs])
+    cached = [cache.get("train", gray["train"][0], v, cfg.batch_size) for v in range(cfg.views)]
     views = [act for act, _ in cached]
     val_act, pooled_val = cache.get("val", gray["val"][0], 0, cfg.batch_size)
     print(f"cached activations of {len(lower)} frozen blocks for {cfg.views} view(s) in "
