@@ -49,31 +49,36 @@ def _cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("extra", "crash_at"), [
+    ({}, 3),  # frozen 1, frozen 2, finetune 1 saved
+    ({"ema": 0.9, "label_smoothing": 0.1, "mixup": 0.4}, 3),
+    ({"soup_lrs": (6e-4,)}, 5),  # ... finetune 2, finetune2 1 saved: inside the second run
+], ids=["plain", "ema-smoothing-mixup", "soup"])
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch, extra, crash_at):
     from safetensors.numpy import load_file
 
-    full = train(TEST_DATA, tmp_path / "full", _cfg(), finalize=False)
-    # interrupt the second run during its 2nd fine-tuning epoch
+    full = train(TEST_DATA, tmp_path / "full", _cfg(**extra), finalize=False)
+    # interrupt the second run during fine-tuning
     import bonefrac.training.trainer as trainer
 
     real = trainer._save_checkpoint
     calls = {"n": 0}
 
-    def crash_after_three(*a, **k):
+    def crash(*a, **k):
         real(*a, **k)
         calls["n"] += 1
-        if calls["n"] == 3:  # frozen 1, frozen 2, finetune 1 saved
+        if calls["n"] == crash_at:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "_save_checkpoint", crash_after_three)
+    monkeypatch.setattr(trainer, "_save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
-        train(TEST_DATA, tmp_path / "resumed", _cfg(), finalize=False)
+        train(TEST_DATA, tmp_path / "resumed", _cfg(**extra), finalize=False)
     monkeypatch.setattr(trainer, "_save_checkpoint", real)
     with pytest.raises(FileExistsError):  # a checkpointed run is not silently overwritten
         (tmp_path / "resumed" / "model.json").write_text("{}")
-        train(TEST_DATA, tmp_path / "resumed", _cfg(), finalize=False)
+        train(TEST_DATA, tmp_path / "resumed", _cfg(**extra), finalize=False)
     (tmp_path / "resumed" / "model.json").unlink()
-    train(TEST_DATA, tmp_path / "resumed", _cfg(), resume=True, finalize=False)
+    train(TEST_DATA, tmp_path / "resumed", _cfg(**extra), resume=True, finalize=False)
     a = load_file(str(full / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -102,3 +107,77 @@ def test_late_views_skip_pooled_features_and_one_cycle_decays(tmp_path, monkeypa
     lrs = [h["lr"] for h in hist if h["stage"] == "finetune"]
     assert len(lrs) == 3 and cfg.lr_finetune >= lrs[0] > lrs[1] > lrs[2]
     assert lrs[2] < 1e-3 * cfg.lr_finetune  # annealed to ~0 at the end
+
+
+def test_weight_ema_averages_parameters_and_buffers_and_swaps_back():
+    import torch
+    from torch import nn
+
+    from bonefrac.training.trainer import WeightEma
+
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = WeightEma(net, decay=0.75)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ema.update()  # the first update copies
+    with torch.no_grad():
+        net[0].weight.add_(4.0)
+        net[1].running_mean.add_(8.0)
+    ema.update()
+    own = {k: v.clone() for k, v in net.state_dict().items()}
+    with ema.swapped():
+        torch.testing.assert_close(net[0].weight, before["0.weight"] + 0.25 * 4.0)
+        torch.testing.assert_close(net[1].running_mean, before["1.running_mean"] + 0.25 * 8.0)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, own[k])  # the trained weights are back
+
+
+def test_ema_run_validates_the_average_and_logs_the_raw_weights(tmp_path):
+    # Decay 1: the average never moves from its first copy (the weights after a stage's first
+    # step), so every fine-tuning epoch must validate exactly those, while training goes on.
+    run = train(TEST_DATA, tmp_path / "run", _cfg(ema=1.0, epochs_finetune=3), finalize=False)
+    hist = json.loads((run / "history.json").read_text())
+    assert all("val_auc_raw" in h for h in hist)
+    fine = [h for h in hist if h["stage"] == "finetune"]
+    assert len(fine) == 3 and len({h["val_loss"] for h in fine}) == 1
+    assert len({h["loss"] for h in fine}) == 3  # the trained weights did move
+
+
+def test_soup_averages_runs_that_each_start_from_stage_1(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    import bonefrac.training.trainer as trainer
+
+    real, seen = trainer.average_weights, []
+    monkeypatch.setattr(trainer, "average_weights", lambda states: real(seen.append(states)
+                                                                        or states))
+    cfg = _cfg(soup_lrs=(TrainConfig.lr_finetune, 6e-4))
+    run = train(TEST_DATA, tmp_path / "run", cfg, finalize=False)
+    hist = json.loads((run / "history.json").read_text())
+    rows = {st: [h["loss"] for h in hist if h["stage"] == st]
+            for st in ("finetune", "finetune2", "finetune3")}
+    # Same rate, same start (stage 1's best), same seeds: the second run repeats the first.
+    assert rows["finetune2"] == rows["finetune"] != rows["finetune3"]
+    (states,) = seen
+    ck = run / "checkpoints"
+    stage1 = load_file(str(ck / "best_frozen.safetensors"))
+    for st, got in zip(rows, states, strict=True):
+        f = ck / f"best_{st}.safetensors"  # absent: the run never beat stage 1
+        want = load_file(str(f)) if f.exists() else stage1
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, msg=f"{st} {k}")
+    soup = load_file(str(run / "model.safetensors"))
+    for k, v in real(states).items():
+        torch.testing.assert_close(soup[k], v, msg=k)
+
+
+def test_average_weights_means_floats_and_keeps_integer_buffers():
+    import torch
+
+    from bonefrac.training.trainer import average_weights
+
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
+    out = average_weights([a, b])
+    torch.testing.assert_close(out["w"], torch.tensor([2.0, 4.0]))
+    assert out["n"].item() == 5

@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr-frozen", type=float, default=d.lr_frozen)
     p.add_argument("--lr-finetune", type=float, default=d.lr_finetune)
+    p.add_argument("--soup-lrs", type=float, nargs="*", default=list(d.soup_lrs),
+                   help="peak rates of further fine-tuning runs from stage 1's weights; the "
+                        "model is the average of all runs' weights (a model soup); none: one run")
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience")
     p.add_argument("--hidden", type=int, default=d.hidden, help="head's dense width")
     p.add_argument("--dropout", type=float, default=d.dropout)
@@ -44,6 +47,13 @@ def add_arguments(p) -> None:
                    help="what early stopping (and the plateau schedule) watch")
     p.add_argument("--schedule", default=d.schedule, choices=["onecycle", "plateau"],
                    help="stage 2's learning-rate schedule")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="cross-entropy label smoothing, 0 to 1 (0 = off)")
+    p.add_argument("--ema", type=float, default=d.ema,
+                   help="decay of a moving average of the weights, updated every step; "
+                        "validation, early stopping and the saved model use it (0 = off)")
+    p.add_argument("--mixup", type=float, default=d.mixup,
+                   help="mixup's Beta(a, a) parameter a, e.g. 0.2 (0 = off)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (bf16 autocast, channels-last), else CPU. "
                         "Multi-process / multi-node: launch with torchrun --nproc-per-node N "
@@ -63,10 +73,12 @@ def run(args) -> int:
         arch=args.arch, weights=weights, epochs_frozen=args.epochs_frozen,
         epochs_finetune=args.epochs_finetune, unfreeze_blocks=args.unfreeze_blocks,
         views=args.views, batch_size=args.batch_size, lr_frozen=args.lr_frozen,
-        lr_finetune=args.lr_finetune, patience=args.patience, hidden=args.hidden,
+        lr_finetune=args.lr_finetune, soup_lrs=tuple(args.soup_lrs), patience=args.patience,
+        hidden=args.hidden,
         dropout=args.dropout, seed=args.seed, max_images=args.max_images, size=args.size,
         threshold_policy=args.threshold_policy, train_bn=args.bn == "train", monitor=args.stop_on,
-        schedule=args.schedule)
+        schedule=args.schedule, label_smoothing=args.label_smoothing, ema=args.ema,
+        mixup=args.mixup)
     try:
         train(args.data, args.out, cfg, resume=args.resume, device=args.device)
     finally:

@@ -23,6 +23,10 @@ class TrainConfig:
     # Peak of the one-cycle schedule. With BatchNorm frozen, 3e-4 wrecked the pretrained blocks
     # within a few steps; with BatchNorm in train mode it is the best rate measured.
     lr_finetune: float = 3e-4
+    # Further fine-tuning runs, one per peak rate, each from stage 1's best weights like the first;
+    # the model is then the uniform average of all runs' best weights (a "model soup",
+    # Wortsman et al. 2022): one model's inference cost for an output average's accuracy.
+    soup_lrs: tuple[float, ...] = ()
     weight_decay: float = 0.0
     patience: int = 5
     hidden: int = 256
@@ -42,3 +46,11 @@ class TrainConfig:
     # Stage 2's schedule: "onecycle" (10 % warm-up to lr_finetune, cosine decay to ~0, stepped
     # per batch) or "plateau" (ReduceLROnPlateau x0.3, as stage 1 always uses).
     schedule: str = "onecycle"
+    # Cross-entropy label smoothing (0 = off): softer targets against the over-confidence above.
+    label_smoothing: float = 0.0
+    # Decay of an exponential moving average of the trained weights, updated every step (0 = off).
+    # With it on, validation, early stopping and the saved model use the averaged weights.
+    ema: float = 0.0
+    # Mixup's Beta(a, a) parameter (0 = off): each batch is blended with a shuffled copy of itself
+    # (cached activations in stage 2, pooled features in stage 1), and so are the targets.
+    mixup: float = 0.0

@@ -12,6 +12,8 @@ the network only needs a forward pass. So:
 4. Stage 2 (fine-tuning): train the top ``unfreeze_blocks`` blocks + head on the cached
    activations, one view per epoch, with a one-cycle learning rate. BatchNorm of those blocks
    uses batch statistics by default (``train_bn``); frozen statistics tolerate only ~1e-5.
+   With ``soup_lrs``, stage 2 runs again per extra rate from stage 1's weights and the model is
+   the average of the runs' weights (a model soup).
 
 Both stages: cross-entropy with inverse-frequency class weights, Adam, early stopping on
 ``cfg.monitor`` (validation AUC by default) with the best weights restored; safetensors
@@ -26,6 +28,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -174,6 +177,31 @@ def _progress(it, desc):
     return tqdm(it, desc=desc, unit="chunk", leave=False)
 
 
+class WeightEma:
+    """Exponential moving average of ``module``'s parameters and buffers (torch's
+    ``AveragedModel``), swapped into ``module`` for validation and saving."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.module = module
+        self.avg = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay),
+                                 use_buffers=True)
+
+    def update(self) -> None:
+        self.avg.update_parameters(self.module)
+
+    @contextmanager
+    def swapped(self):
+        """Inside: ``module`` holds the averaged weights; after: its own weights again."""
+        own = {k: v.clone() for k, v in self.module.state_dict().items()}
+        self.module.load_state_dict(self.avg.module.state_dict())
+        try:
+            yield
+        finally:
+            self.module.load_state_dict(own)
+
+
 class EarlyStopping:
     def __init__(self, patience: int):
         self.patience, self.best, self.bad = patience, math.inf, 0
@@ -193,11 +221,14 @@ class EarlyStopping:
 
 def _save_checkpoint(run: Path, stage: str, epoch: int, trainable: nn.Module,
                      model: FractureNet, opt: torch.optim.Optimizer,
-                     sched, stopper: EarlyStopping, history: list[dict]) -> None:
-    """Model, best-so-far model and optimizer as safetensors; counters as JSON (no pickle)."""
+                     sched, stopper: EarlyStopping, history: list[dict],
+                     ema: WeightEma | None) -> None:
+    """Model, weight average and optimizer as safetensors; counters as JSON (no pickle)."""
     ck = run / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors |= {f"ema.{k}": v.contiguous() for k, v in ema.avg.state_dict().items()}
     for idx, st in opt.state_dict()["state"].items():
         for name, t in st.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(t).contiguous()
@@ -209,12 +240,14 @@ def _save_checkpoint(run: Path, stage: str, epoch: int, trainable: nn.Module,
 
 
 def _load_checkpoint(run: Path, stage: str, model: FractureNet, opt, sched,
-                     stopper: EarlyStopping) -> tuple[int, list[dict]]:
+                     stopper: EarlyStopping, ema: WeightEma | None) -> tuple[int, list[dict]]:
     from safetensors.torch import load_file
 
     state = json.loads((run / "checkpoints" / "state.json").read_text())
     t = load_file(str(run / "checkpoints" / f"{stage}_last.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.avg.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
     sd = opt.state_dict()
     for idx in sd["state"] or range(len([p for g in sd["param_groups"] for p in g["params"]])):
         names = {k.split(".", 2)[2] for k in t if k.startswith(f"opt.{idx}.")}
@@ -231,11 +264,15 @@ def _load_checkpoint(run: Path, stage: str, model: FractureNet, opt, sched,
 def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, train_x, train_y,
                val_x, val_y, *, epochs: int, lr: float, cfg: TrainConfig, weights: torch.Tensor,
                run: Path, history: list[dict], resume: bool, ctx: Dist,
-               schedule: str = "plateau") -> list[dict]:
+               schedule: str = "plateau", start_from: dict | None = None) -> list[dict]:
     """One training stage with Adam, a learning-rate ``schedule`` ("plateau": ReduceLROnPlateau
     on ``cfg.monitor``; "onecycle": per-batch one-cycle peaking at ``lr``) and early stopping on
-    ``cfg.monitor``.
+    ``cfg.monitor``; cross-entropy with ``cfg.label_smoothing``, optionally on mixup batches
+    (``cfg.mixup``); with ``cfg.ema`` the weight average is what is validated, early-stopped on
+    and saved as best.
 
+    On return ``model`` holds the stage's best weights; a fine-tuning stage that never beats
+    stage 1 returns ``start_from`` (stage 1's best weights, which it starts from).
     ``train_x(epoch)`` returns that epoch's inputs (all epochs the same length);
     ``forward(x)`` maps inputs to logits.
     Distributed (``ctx``): see :mod:`bonefrac.training.distributed`.
@@ -252,28 +289,45 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
     else:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
     stopper = EarlyStopping(cfg.patience)
-    # Stages share one best model: fine-tuning must beat the frozen stage to replace it.
-    stopper.best = min((_monitored(h, cfg) for h in history), default=math.inf)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    # A fine-tuning stage must beat stage 1 to replace its weights.
+    stopper.best = min((_monitored(h, cfg) for h in history if h["stage"] == "frozen"),
+                       default=math.inf)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    val_loss_fn = nn.CrossEntropyLoss(weight=weights)  # comparable across smoothing settings
+    ema = WeightEma(trainable, cfg.ema) if cfg.ema else None
     start = 0
-    best_path = run / "checkpoints" / "best.safetensors"
+    if start_from is not None:
+        model.load_state_dict(start_from)
+    best_path = run / "checkpoints" / f"best_{stage}.safetensors"
     state_path = run / "checkpoints" / "state.json"
     done = False
     if resume and ctx.is_main and state_path.exists():  # rank 0 owns the run folder
         st = json.loads(state_path.read_text())
         if st["stage"] == stage:
-            start, history = _load_checkpoint(run, stage, model, opt, sched, stopper)
+            start, history = _load_checkpoint(run, stage, model, opt, sched, stopper, ema)
             print(f"resumed {stage} after epoch {start}")
         elif [h for h in history if h["stage"] == stage]:
             done = True  # this stage finished before the interruption
     start, history, done = ctx.sync_from_main(model, opt, sched, stopper, (start, history, done))
+    if ema is not None:
+        ctx.sync_model(ema.avg)  # a resumed average, from rank 0
     if done:
+        _restore_best(model, best_path, start_from, ctx)
         return history
     yv = ctx.tensor(val_y)
+
+    @torch.inference_mode()
+    def validate() -> tuple[float, float, float]:
+        """(loss, accuracy, ROC-AUC) on the validation inputs, identical on every rank."""
+        vl = ctx.gather_rows(lambda a: evaluate(ctx.tensor(a)), val_x, 256)
+        auc = roc_auc(val_y, (vl[:, 1] - vl[:, 0]).cpu().numpy())
+        acc = float((vl.argmax(1) == yv).float().mean())
+        return ctx.broadcast(float(val_loss_fn(vl, yv))), acc, ctx.broadcast(auc)
+
     for epoch in range(start + 1, epochs + 1):
         if stopper.should_stop:
             break
-        seed_everything(cfg.seed * 1000 + epoch + (500 if stage == "finetune" else 0))
+        seed_everything(cfg.seed * 1000 + epoch + (500 if stage.startswith("finetune") else 0))
         x, y = train_x(epoch), train_y(epoch)
         order = np.random.permutation(len(x))
         ctx.shuffle_dropout()
@@ -288,11 +342,20 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
             idx = np.sort(order[i:i + cfg.batch_size])
             mine = idx[ctx.rank::ctx.world]  # this rank's share of the global batch
             xb, yb = ctx.tensor(x[mine]), ctx.tensor(y[mine])
-            logits = net(xb)
-            loss = ctx.loss(loss_fn, logits, yb, y[idx])
+            if cfg.mixup:
+                lam, perm = float(np.random.beta(cfg.mixup, cfg.mixup)), torch.randperm(len(xb))
+                logits = net(lam * xb + (1 - lam) * xb[perm])
+                # The shuffle stays within this rank's share: the batch's labels are unchanged.
+                loss = (lam * ctx.loss(loss_fn, logits, yb, y[idx])
+                        + (1 - lam) * ctx.loss(loss_fn, logits, yb[perm], y[idx]))
+            else:
+                logits = net(xb)
+                loss = ctx.loss(loss_fn, logits, yb, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update()
             lr_used = opt.param_groups[0]["lr"]  # what the history reports: this epoch's last
             if schedule == "onecycle":
                 sched.step()
@@ -304,38 +367,59 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
         if ctx.world > 1:  # global-batch numbers; ctx.loss scales each rank's loss by world
             tot, correct = ctx.all_sum(tot / ctx.world, correct)
         model.eval()
-        with torch.inference_mode():
-            vl = ctx.gather_rows(lambda a: evaluate(ctx.tensor(a)), val_x, 256)
-            val_loss = float(loss_fn(vl, yv))
-            val_acc = float((vl.argmax(1) == yv).float().mean())
-            val_auc = roc_auc(val_y, (vl[:, 1] - vl[:, 0]).cpu().numpy())
-        val_loss = ctx.broadcast(val_loss)  # identical decisions on every rank
-        val_auc = ctx.broadcast(val_auc)
-        monitored = _monitored({"val_loss": val_loss, "val_auc": val_auc}, cfg)
-        improved = stopper.step(monitored)
+        extra = {}
+        if ema is not None:
+            ctx.sync_buffers(ema.avg)
+            extra["val_auc_raw"] = validate()[2]  # the trained weights themselves, for the log
+        with ema.swapped() if ema is not None else nullcontext():
+            val_loss, val_acc, val_auc = validate()
+            monitored = _monitored({"val_loss": val_loss, "val_auc": val_auc}, cfg)
+            improved = stopper.step(monitored)
+            if improved and ctx.is_main:
+                save_tensors(model.state_dict(), best_path)
         if schedule == "plateau":
             sched.step(monitored)
         rec = {"stage": stage, "epoch": epoch, "loss": tot / seen, "accuracy": correct / seen,
                "val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc,
-               "lr": lr_used,
+               "lr": lr_used, **extra,
                "seconds": round(time.time() - t0, 2)}
         history.append(rec)
+        raw = f" (raw {extra['val_auc_raw']:.4f})" if extra else ""
         print(f"{stage} epoch {epoch}: loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} | "
-              f"val_loss {val_loss:.4f} val_acc {val_acc:.3f} val_auc {val_auc:.4f} | "
+              f"val_loss {val_loss:.4f} val_acc {val_acc:.3f} val_auc {val_auc:.4f}{raw} | "
               f"lr {rec['lr']:.1e} | {rec['seconds']:.0f}s{'  *best*' if improved else ''}",
               flush=True)
         if ctx.is_main:
-            if improved:
-                save_tensors(model.state_dict(), best_path)
-            _save_checkpoint(run, stage, epoch, trainable, model, opt, sched, stopper, history)
+            _save_checkpoint(run, stage, epoch, trainable, model, opt, sched, stopper, history,
+                             ema)
             _write_history(run, history)
     ctx.log_replica(model, stage)
-    if best_path.exists() and ctx.is_main:
+    _restore_best(model, best_path, start_from, ctx)
+    return history
+
+
+def _restore_best(model: nn.Module, best_path: Path, start_from: dict | None, ctx: Dist) -> None:
+    """The stage's best weights into ``model`` on every rank (rank 0 reads the file); without
+    any (fine-tuning never beat stage 1), ``start_from``."""
+    if ctx.is_main:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(best_path)))
+        if best_path.exists():
+            model.load_state_dict(load_file(str(best_path)))
+        elif start_from is not None:
+            model.load_state_dict(start_from)
     ctx.sync_model(model)
-    return history
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Uniform average of state dicts of one architecture: a "uniform model soup"
+    (Wortsman et al., 2022). Integer buffers (BatchNorm's batch counters) keep the first's."""
+    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
 
 
 def _monitored(rec: dict, cfg: TrainConfig) -> float:
@@ -446,16 +530,27 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
                          epochs=cfg.epochs_frozen, lr=cfg.lr_frozen, cfg=cfg, weights=weights,
                          run=run, history=history, resume=resume, ctx=ctx)
 
-    # Stage 2: fine-tune the top blocks on one cached view per epoch (a fresh one while they last).
+    # Stage 2: fine-tune the top blocks on one cached view per epoch (a fresh one while they last),
+    # once per peak rate, each time from stage 1's best weights; several runs are averaged.
     if cfg.unfreeze_blocks > 0 and cfg.epochs_finetune > 0:
         for p in top.parameters():
             p.requires_grad_(True)
         trainable = nn.ModuleList([top, model.head])
-        history = _fit_stage("finetune", model, trainable, lambda x: model.head(top(x)),
-                             lambda e: views[(e - 1) % cfg.views], lambda e: ytr, val_act, yv,
-                             epochs=cfg.epochs_finetune, lr=cfg.lr_finetune, cfg=cfg,
-                             weights=weights, run=run, history=history, resume=resume,
-                             ctx=ctx, schedule=cfg.schedule)
+        stage1 = _copy_state(model)
+        ingredients = []
+        for k, lr in enumerate((cfg.lr_finetune, *cfg.soup_lrs)):
+            history = _fit_stage(
+                "finetune" if k == 0 else f"finetune{k + 1}", model, trainable,
+                lambda x: model.head(top(x)), lambda e: views[(e - 1) % cfg.views],
+                lambda e: ytr, val_act, yv, epochs=cfg.epochs_finetune, lr=lr, cfg=cfg,
+                weights=weights, run=run, history=history, resume=resume, ctx=ctx,
+                schedule=cfg.schedule, start_from=stage1)
+            ingredients.append(_copy_state(model))
+        if len(ingredients) > 1:
+            model.load_state_dict(average_weights(ingredients))
+            z = run_blocks(nn.Sequential(top, model.head), val_act, cfg.batch_size)
+            print(f"model soup of {len(ingredients)} fine-tuning runs: val_auc "
+                  f"{roc_auc(yv, z[:, 1] - z[:, 0]):.4f}", flush=True)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()

@@ -1,0 +1,82 @@
+"""Validation ROC-AUC of trained runs, of their output average and of their weight average.
+
+Model soups (Wortsman et al., 2022): fine-tuning runs that start from the same weights can often
+be averaged weight-for-weight into one model as good as their output average, at one model's
+inference cost. This measures it on the VALIDATION split only (the test split is never read).
+
+    python benchmarks/recipe_sweep/soup_val.py --data ../shared/data/bone-fracture \
+        --group runs/mnv2_a runs/mnv2_b --group runs/lite0_a runs/lite0_b
+
+Each ``--group`` holds runs of one architecture. With two groups it also prints the equal-weight
+fusion of the two groups' first runs and of the two soups. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from bonefrac.data.dataset import decode_all, load_index
+from bonefrac.evaluation.metrics import roc_auc
+from bonefrac.models.net import load_member
+from bonefrac.training.trainer import average_weights
+from bonefrac.utils import cache_dir
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@torch.inference_mode()
+def val_logit(run_json: dict, weights: Path, gray: np.ndarray) -> np.ndarray:
+    """``z_fractured - z_non`` per validation image, ``(N,)``."""
+    model = load_member(run_json["arch"], run_json, weights, run_json["preprocessing"])
+    out = [model(torch.from_numpy(np.asarray(model.preprocessing(gray[i:i + 64]))))
+           for i in range(0, len(gray), 64)]
+    z = torch.cat(out).numpy()
+    return z[:, 1] - z[:, 0]
+
+
+def measure(runs: list[Path], samples, tmp: Path) -> dict:
+    meta = [json.loads((r / "model.json").read_text()) for r in runs]
+    if len({m["arch"] for m in meta}) != 1:
+        raise SystemExit(f"one architecture per group: {[m['arch'] for m in meta]}")
+    gray, kept, _ = decode_all(samples, meta[0]["preprocessing"]["size"],
+                               cache_dir=cache_dir() / "decoded")
+    y = np.array([s.label for s in kept])
+    z = {str(r): val_logit(m, r / m["weights_file"], gray) for r, m in zip(runs, meta, strict=True)}
+    soup = tmp / f"soup_{meta[0]['arch']}.safetensors"
+    save_file(average_weights([load_file(str(r / m["weights_file"]))
+                               for r, m in zip(runs, meta, strict=True)]), str(soup))
+    z_soup = val_logit(meta[0], soup, gray)
+    p_avg = np.mean([_sigmoid(v) for v in z.values()], axis=0)
+    return {"y": y, "z_first": next(iter(z.values())), "z_soup": z_soup, "result": {
+        "arch": meta[0]["arch"], "runs": {k: round(roc_auc(y, v), 4) for k, v in z.items()},
+        "output_average": round(roc_auc(y, p_avg), 4), "soup": round(roc_auc(y, z_soup), 4)}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--group", nargs="+", action="append", required=True, type=Path)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    samples = load_index(args.data).split("val")
+    with tempfile.TemporaryDirectory() as tmp:
+        groups = [measure(g, samples, Path(tmp)) for g in args.group]
+    out = {"split": "val", "n": len(groups[0]["y"]), "groups": [g["result"] for g in groups]}
+    if len(groups) == 2:
+        a, b = groups
+        fuse = lambda k: round(roc_auc(a["y"], (_sigmoid(a[k]) + _sigmoid(b[k])) / 2), 4)  # noqa: E731
+        out["equal_weight_fusion"] = {"first_runs": fuse("z_first"), "soups": fuse("z_soup")}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
