@@ -181,3 +181,11 @@ def test_average_weights_means_floats_and_keeps_integer_buffers():
     out = average_weights([a, b])
     torch.testing.assert_close(out["w"], torch.tensor([2.0, 4.0]))
     assert out["n"].item() == 5
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ({"ema": 1.5}, "ema"), ({"label_smoothing": -0.1}, "label_smoothing"),
+    ({"mixup": -1.0}, "mixup"), ({"soup_lrs": (0.0,)}, "learning rates")])
+def test_config_refuses_nonsense_options(bad, says):
+    with pytest.raises(ValueError, match=says):
+        TrainConfig(**bad)

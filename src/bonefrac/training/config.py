@@ -54,3 +54,14 @@ class TrainConfig:
     # Mixup's Beta(a, a) parameter (0 = off): each batch is blended with a shuffled copy of itself
     # (cached activations in stage 2, pooled features in stage 1), and so are the targets.
     mixup: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse nonsense before any work starts, naming the option."""
+        for name in ("label_smoothing", "ema"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mixup < 0:
+            raise ValueError(f"mixup must be >= 0 (0 = off), got {self.mixup}")
+        if any(lr <= 0 for lr in (self.lr_frozen, self.lr_finetune, *self.soup_lrs)):
+            raise ValueError("learning rates must be > 0, got "
+                             f"{[self.lr_frozen, self.lr_finetune, *self.soup_lrs]}")
