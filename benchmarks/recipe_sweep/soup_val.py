@@ -15,46 +15,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 
-from bonefrac.data.dataset import decode_all, load_index
+from bonefrac.data.dataset import load_index
+from bonefrac.evaluation.evaluate import collect
 from bonefrac.evaluation.metrics import roc_auc
-from bonefrac.models.net import load_member
+from bonefrac.inference.ensemble import Ensemble
 from bonefrac.training.trainer import average_weights
-from bonefrac.utils import cache_dir
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-@torch.inference_mode()
-def val_logit(run_json: dict, weights: Path, gray: np.ndarray) -> np.ndarray:
-    """``z_fractured - z_non`` per validation image, ``(N,)``."""
-    model = load_member(run_json["arch"], run_json, weights, run_json["preprocessing"])
-    out = [model(torch.from_numpy(np.asarray(model.preprocessing(gray[i:i + 64]))))
-           for i in range(0, len(gray), 64)]
-    z = torch.cat(out).numpy()
-    return z[:, 1] - z[:, 0]
+def val_logit(run: Path, samples) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, ``z_fractured - z_non``) of ``run`` on the validation samples, each ``(N,)``,
+    through bonefrac's own evaluation path (decode, preprocess, member forward)."""
+    ens = Ensemble.load(run, backend="torch", verify=False)  # a soup has no recorded sha256
+    out = collect(ens, samples, desc=f"validation {run.name}")
+    z = out.logits[ens.members[0].name]
+    return out.y, z[:, 1] - z[:, 0]
 
 
 def measure(runs: list[Path], samples, tmp: Path) -> dict:
     meta = [json.loads((r / "model.json").read_text()) for r in runs]
     if len({m["arch"] for m in meta}) != 1:
         raise SystemExit(f"one architecture per group: {[m['arch'] for m in meta]}")
-    gray, kept, _ = decode_all(samples, meta[0]["preprocessing"]["size"],
-                               cache_dir=cache_dir() / "decoded")
-    y = np.array([s.label for s in kept])
-    z = {str(r): val_logit(m, r / m["weights_file"], gray) for r, m in zip(runs, meta, strict=True)}
-    soup = tmp / f"soup_{meta[0]['arch']}.safetensors"
+    z = {}
+    for r in runs:
+        y, z[str(r)] = val_logit(r, samples)
+    soup = tmp / f"soup_{meta[0]['arch']}"  # a run folder: the first run's model.json
+    soup.mkdir()
+    shutil.copy2(runs[0] / "model.json", soup / "model.json")
     save_file(average_weights([load_file(str(r / m["weights_file"]))
-                               for r, m in zip(runs, meta, strict=True)]), str(soup))
-    z_soup = val_logit(meta[0], soup, gray)
+                               for r, m in zip(runs, meta, strict=True)]),
+              str(soup / meta[0]["weights_file"]))
+    _, z_soup = val_logit(soup, samples)
     p_avg = np.mean([_sigmoid(v) for v in z.values()], axis=0)
     return {"y": y, "z_first": next(iter(z.values())), "z_soup": z_soup, "result": {
         "arch": meta[0]["arch"], "runs": {k: round(roc_auc(y, v), 4) for k, v in z.items()},
@@ -66,7 +67,6 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--group", nargs="+", action="append", required=True, type=Path)
     args = ap.parse_args()
-    torch.manual_seed(0)
     samples = load_index(args.data).split("val")
     with tempfile.TemporaryDirectory() as tmp:
         groups = [measure(g, samples, Path(tmp)) for g in args.group]

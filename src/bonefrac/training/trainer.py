@@ -194,7 +194,7 @@ class WeightEma:
     @contextmanager
     def swapped(self):
         """Inside: ``module`` holds the averaged weights; after: its own weights again."""
-        own = {k: v.clone() for k, v in self.module.state_dict().items()}
+        own = _copy_state(self.module)
         self.module.load_state_dict(self.avg.module.state_dict())
         try:
             yield
