@@ -90,8 +90,8 @@ def _expect_result(page, server, img: Path) -> dict:
     page.wait_for_selector("#result:not([hidden])", timeout=60_000)
     import httpx
 
-    api = httpx.post(server + "/v1/predict", files={"file": (img.name, img.read_bytes())},
-                     timeout=60).json()["prediction"]
+    api = httpx.post(server + "/v1/predict", params={"explain": "true"},
+                     files={"file": (img.name, img.read_bytes())}, timeout=60).json()["prediction"]
     assert page.text_content("#prob") == _pct(api["prob_fractured"])
     assert page.text_content("#filename") == img.name
     assert page.text_content("#decision") in ("fractured", "not fractured")
@@ -101,6 +101,27 @@ def _expect_result(page, server, img: Path) -> dict:
         wait_until(page, f"document.querySelector('{sel}').naturalWidth > 0")
     assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
     assert "RESEARCH USE ONLY" in page.text_content("#result-disclaimer")
+    # the localisation: printed, and the box and peak drawn over the image at their fractions
+    assert page.text_content("#box-score") == f"{api['box_score']:.2f}"
+    assert page.text_content("#peak-xy").startswith(
+        f"x {_pct(api['peak_x'])}, y {_pct(api['peak_y'])}")
+    assert _pct(api["box_x0"]) in page.text_content("#box-xy")
+    assert page.is_visible("#loc-box") and page.is_visible("#loc-peak")
+    wait_until(page, "document.querySelector('#radiograph').getBoundingClientRect().width > 0")
+    base = page.locator("#radiograph").bounding_box()
+    box = page.locator("#loc-box").bounding_box()
+    want = {"x": base["x"] + api["box_x0"] * base["width"],
+            "y": base["y"] + api["box_y0"] * base["height"],
+            "width": (api["box_x1"] - api["box_x0"]) * base["width"],
+            "height": (api["box_y1"] - api["box_y0"]) * base["height"]}
+    assert box == pytest.approx(want, abs=1.5)
+    peak = page.locator("#loc-peak").bounding_box()
+    assert peak["x"] + peak["width"] / 2 == pytest.approx(
+        base["x"] + api["peak_x"] * base["width"], abs=1.5)
+    assert peak["y"] + peak["height"] / 2 == pytest.approx(
+        base["y"] + api["peak_y"] * base["height"], abs=1.5)
+    assert page.get_attribute("#overlay-link", "href") == \
+        "data:image/png;base64," + api["heatmap_png_base64"]
     return api
 
 
@@ -108,13 +129,16 @@ def test_upload_shows_probability_and_heatmap(page, server, tmp_path):
     img = sorted(EXAMPLES.glob("*.jpg"))[0]
     assert "RESEARCH USE ONLY" in page.text_content("#disclaimer")
     page.set_input_files("#file", str(img))
-    _expect_result(page, server, img)
+    api = _expect_result(page, server, img)
     # the original is shown (sharper than the model input) with the heat map stretched on it
     assert page.get_attribute("#radiograph", "src").startswith("blob:")
     box_base = page.locator("#radiograph").bounding_box()
     box_heat = page.locator("#heatmap").bounding_box()
     assert box_heat == pytest.approx(box_base, abs=1)
-    assert page.eval_on_selector("#heatmap", "e => e.style.opacity") == "0.6"  # the default
+    assert page.eval_on_selector("#heatmap", "e => e.style.opacity") == "0.4"  # the default
+    # the page lays the transparent map layer over the original, not the captioned figure
+    assert page.get_attribute("#heatmap", "src") == "data:image/png;base64," + \
+        api["heatmap_layer_png_base64"]
     shot = tmp_path / "ui.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -141,17 +165,22 @@ def test_drag_and_drop(page, server):
     assert page.errors == []
 
 
-def test_image_the_browser_cannot_show_falls_back_to_the_model_input(page, server, tmp_path):
-    """Chromium does not render TIFF: the page shows the server's grayscale rendering."""
+def test_image_the_browser_cannot_show_falls_back_to_the_server_rendering(page, server,
+                                                                         tmp_path):
+    """Chromium does not render TIFF: the page shows the server's grayscale rendering, at the
+    image's own size (so the box still sits where its fractions say)."""
     from PIL import Image
 
     img = tmp_path / "film.tif"
     buf = io.BytesIO()
-    Image.open(sorted(EXAMPLES.glob("*.jpg"))[2]).convert("L").save(buf, format="TIFF")
+    src = Image.open(sorted(EXAMPLES.glob("*.jpg"))[2]).convert("L")
+    src.save(buf, format="TIFF")
     img.write_bytes(buf.getvalue())
     page.set_input_files("#file", str(img))
     _expect_result(page, server, img)
     assert page.get_attribute("#radiograph", "src").startswith("data:image/png;base64,")
+    assert page.eval_on_selector("#radiograph", "e => [e.naturalWidth, e.naturalHeight]") == \
+        list(src.size)
 
 
 def test_errors_are_shown_in_plain_words(page, tmp_path):

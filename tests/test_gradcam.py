@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,117 @@ def _cam_and_energy(model, x) -> tuple[np.ndarray, np.ndarray]:
     finally:
         h.remove()
     return cam.numpy(), store["A"].mean(1).numpy()
+
+
+# ------------------------------------------------------------------------- overlay figures
+def _figure(gray, cam, prob=0.8, threshold=0.4, **kw):
+    from bonefrac.inference.heatmap import render_overlay
+
+    return render_overlay(gray, cam, prob=prob, threshold=threshold,
+                          decision="fractured" if prob >= threshold else "non_fractured", **kw)
+
+
+def _peaked_cam(h: int = 7, w: int = 7) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return np.exp(-((yy - 2) ** 2 + (xx - 4) ** 2) / 4.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("hw", [(150, 300), (420, 512), (64, 40)])
+def test_overlay_is_the_image_at_its_own_size_plus_margins(hw):
+    from bonefrac.inference.heatmap import ALPHA, overlay
+
+    h, w = hw
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    cam = _peaked_cam()
+    fig = _figure(gray, cam)
+    assert fig.mode == "RGB" and fig.width > w and fig.height > h  # colour bar, caption
+    a = np.asarray(fig)
+    # the image area is the radiograph unscaled, with the map upsampled onto it
+    assert np.array_equal(a[:h, :w], np.asarray(overlay(gray, cam, ALPHA)))
+    # the colour bar (jet: red at the top, blue at the bottom) is in the right margin
+    bar = a[:h, w:].astype(int)
+    assert ((bar[..., 0] > 150) & (bar[..., 2] < 60)).any()  # red
+    assert ((bar[..., 2] > 150) & (bar[..., 0] < 60)).any()  # blue
+    assert a[h:].std() > 5  # the caption's text
+
+
+def test_overlay_of_a_real_radiograph_keeps_its_aspect():
+    f = sorted(real_images())[0]
+    gray = load_gray(f, None)
+    fig = _figure(gray, _peaked_cam(), box=(0.2, 0.2, 0.6, 0.5), peak=(0.4, 0.3))
+    assert fig.width > gray.shape[1] and fig.height > gray.shape[0]
+    assert fig.width - gray.shape[1] < gray.shape[1]  # margins, not a rescaled image
+    assert fig.height - gray.shape[0] < gray.shape[0]
+
+
+def test_box_and_peak_are_drawn_where_the_fractions_say():
+    from bonefrac.inference.heatmap import BOX_COLOUR, line_width
+
+    h, w = 200, 400
+    gray = np.full((h, w), 128, np.uint8)
+    box = (0.25, 0.1, 0.75, 0.6)  # pixels x 100..299, y 20..119
+    fig = np.asarray(_figure(gray, np.zeros((7, 7), np.float32), box=box))
+    lw = line_width(w, h)
+    white = (fig == BOX_COLOUR).all(axis=2)
+    assert not white[:h, :w].all()
+    assert white[20:120, 100:100 + lw].all() and white[20:120, 300 - lw:300].all()  # left, right
+    assert white[20:20 + lw, 100:300].all() and white[120 - lw:120, 100:300].all()  # top, bottom
+    assert not white[20:120, 99].any() and not white[20:120, 300].any()  # nothing outside
+    assert not white[19, 100:300].any() and not white[120, 100:300].any()
+    assert not white[20 + lw:120 - lw, 100 + lw:300 - lw].any()  # nor inside
+    assert not white[:h, :w][~_box_mask(h, w, 100, 20, 300, 120)].any()
+    # the peak: a cross centred on its pixel
+    fig = np.asarray(_figure(gray, np.zeros((7, 7), np.float32), peak=(0.5, 0.35)))
+    white = (fig == BOX_COLOUR).all(axis=2)
+    assert white[70, 200] and white[70, 195] and white[65, 200]
+    assert not white[60, 190] and white[:h, :w].sum() < 100
+
+
+def _box_mask(h, w, x0, y0, x1, y1) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_map_is_faded_below_the_threshold_not_stretched():
+    from bonefrac.inference.heatmap import ALPHA, map_opacity
+
+    assert map_opacity(0.8, 0.4) == map_opacity(0.4, 0.4) == ALPHA
+    assert map_opacity(0.1, 0.4) == pytest.approx(ALPHA * 0.25)
+    assert map_opacity(0.0, 0.4) == 0.0 and map_opacity(0.3, 0.0) == ALPHA
+    h, w = 120, 160
+    gray = np.full((h, w), 100, np.uint8)
+    cam = _peaked_cam()  # the same map (peak 1) for both: only P differs
+
+    def tint(prob):
+        a = np.asarray(_figure(gray, cam, prob=prob, threshold=0.4))[:h, :w].astype(float)
+        return np.abs(a - 100).mean()
+
+    above, at, below = tint(0.9), tint(0.4), tint(0.1)
+    assert above == at > 0
+    assert below == pytest.approx(0.25 * above, rel=0.05)  # faded by P / threshold
+    from bonefrac.inference.heatmap import caption_text
+
+    assert "faded" in " ".join(caption_text(0.1, 0.4, "non_fractured"))
+    assert caption_text(0.83, 0.41, "fractured") == [
+        "P(fractured) 0.83", "threshold 0.41", "fractured", "RESEARCH USE ONLY"]
+
+
+def test_save_overlay_writes_the_figure(tmp_path):
+    from PIL import Image
+
+    from bonefrac.inference.heatmap import heatmap_png, save_overlay
+
+    gray = np.full((90, 130), 80, np.uint8)
+    kw = {"prob": 0.2, "threshold": 0.5, "decision": "non_fractured",
+          "box": (0.1, 0.2, 0.5, 0.9), "peak": (0.3, 0.5)}
+    src = Path("/data/scans/knee.left.jpg")
+    path = save_overlay(gray, _peaked_cam(), tmp_path, src, **kw)
+    assert re.fullmatch(r"knee\.left_[0-9a-f]{8}_gradcam\.png", path.name)
+    assert path.parent == tmp_path and sorted(tmp_path.iterdir()) == [path]  # no temp file left
+    assert path.read_bytes() == heatmap_png(gray, _peaked_cam(), **kw)
+    assert Image.open(path).size == _figure(gray, _peaked_cam(), 0.2, 0.5, box=kw["box"],
+                                            peak=kw["peak"]).size
+    other = save_overlay(gray, _peaked_cam(), tmp_path, Path("/other/knee.left.jpg"), **kw)
+    assert other != path

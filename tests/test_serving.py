@@ -29,12 +29,13 @@ from PIL import Image  # noqa: E402
 from bonefrac import DISCLAIMER  # noqa: E402
 from bonefrac.data.io import FORMATS, ImageReadError, load_gray  # noqa: E402
 from bonefrac.inference.ensemble import Ensemble  # noqa: E402
-from bonefrac.inference.heatmap import heatmap_png  # noqa: E402
+from bonefrac.inference.heatmap import heatmap_png, map_opacity  # noqa: E402
 from bonefrac.serving import create_app  # noqa: E402
 from bonefrac.serving.uploads import sniff  # noqa: E402
 from bonefrac.utils import sha256_file  # noqa: E402
 
 IMAGES = sorted(EXAMPLES.glob("*.jpg"))
+LOC = ("peak_x", "peak_y", "box_x0", "box_y0", "box_x1", "box_y1", "box_score")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,11 @@ def test_predict_matches_cli_path(client, tiny_ensemble):
             assert body["model"]["operating_points"][name] == op["threshold"]
             assert body["model"]["operating_point_info"][name]["description"]
         assert "heatmap_png_base64" not in p and p["warning"] == ""
+        # the localisation columns are always there, as in the CLI's rows
+        want_loc = direct(ens, img, explain=True)[1].loc
+        loc = [*want_loc.peak[0], *want_loc.box[0], want_loc.score[0]]
+        assert [p[k] for k in LOC] == pytest.approx([round(float(v), 4) for v in loc],
+                                                    abs=1e-4)
         assert body["disclaimer"] == DISCLAIMER
         assert body["model"]["model_id"] == ens.model_id
         for m in body["model"]["members"]:
@@ -117,13 +123,29 @@ def test_explain_returns_the_heatmap(client, tiny_ensemble, how):
     r = post(client, img, **kw)
     assert r.status_code == 200, r.text
     p = r.json()["prediction"]
-    gray, want = direct(ens, img, explain=True)
-    big = gray[max(gray)][0]
-    png = base64.b64decode(p["heatmap_png_base64"])
-    assert png == heatmap_png(big, want.cam[0])
-    assert Image.open(io.BytesIO(png)).size == (max(ens.sizes),) * 2
+    _, want = direct(ens, img, explain=True)
+    # the localisation, as fractions of the image's width/height, rounded as in make_row
+    loc = [*want.loc.peak[0], *want.loc.box[0], want.loc.score[0]]
+    assert [p[k] for k in LOC] == pytest.approx([round(float(v), 4) for v in loc], abs=1e-4)
+    assert 0 <= p["box_x0"] < p["box_x1"] <= 1 and 0 <= p["box_y0"] < p["box_y1"] <= 1
+    assert p["box_x0"] <= p["peak_x"] <= p["box_x1"] and p["box_y0"] <= p["peak_y"] <= p["box_y1"]
+    # the overlay figure: the upload at its own size and aspect, with the box and the caption
+    own = load_gray(img, None)
+    assert own.shape == Image.open(img).size[::-1] != (max(ens.sizes),) * 2
+    png = base64.b64decode(p["heatmap_png_base64"])  # the box as in the row, like the CLI
+    assert png == heatmap_png(own, want.cam[0], prob=float(want.prob[0]),
+                              threshold=ens.threshold, decision=p["decision"],
+                              box=[p[k] for k in LOC[2:6]], peak=[p["peak_x"], p["peak_y"]])
+    fig = Image.open(io.BytesIO(png))
+    assert fig.mode == "RGB" and fig.width > own.shape[1] and fig.height > own.shape[0]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(
-        base64.b64decode(p["image_png_base64"])))), big)
+        base64.b64decode(p["image_png_base64"])))), own)
+    # the map alone for the web page: same aspect, alpha faded below the threshold
+    layer = Image.open(io.BytesIO(base64.b64decode(p["heatmap_layer_png_base64"])))
+    assert layer.mode == "RGBA" and max(layer.size) <= 256
+    assert layer.width / layer.height == pytest.approx(own.shape[1] / own.shape[0], rel=0.02)
+    alpha = np.asarray(layer)[..., 3]
+    assert (alpha == round(255 * map_opacity(p["prob_fractured"], ens.threshold, 1.0))).all()
 
 
 def test_png_upload_is_sniffed_and_predicted(client, tiny_ensemble):
@@ -160,9 +182,14 @@ def test_dicom_upload(client, tmp_path):
     data = (tmp_path / "x.dcm").read_bytes()
     assert pydicom and sniff(data[:132]) == "DICOM"
     for name in ("x.dcm", "x"):  # by suffix, and by the DICM tag alone
-        r = post(client, name, data)
+        r = post(client, name, data, params={"explain": "true"})
         assert r.status_code == 200, r.text
-        assert 0 <= r.json()["prediction"]["prob_fractured"] <= 1
+        p = r.json()["prediction"]
+        assert 0 <= p["prob_fractured"] <= 1
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(p["image_png_base64"]))))
+        assert shown.shape == px.shape  # decoded at its own size for the overlay
+        fig = Image.open(io.BytesIO(base64.b64decode(p["heatmap_png_base64"])))
+        assert fig.width > px.shape[1] and fig.height > px.shape[0]
     # a .dcm name lets content without the DICM tag through to the decoder, which refuses it
     r = post(client, "scan.dcm", b"no DICM tag and not an image either")
     assert r.status_code == 422 and r.json()["detail"].startswith("scan.dcm: ")
@@ -175,14 +202,18 @@ def test_batch_keeps_good_results_and_reports_bad_files(client):
              ("files", (good[1].name, good[1].read_bytes(), "image/jpeg")),
              ("files", ("cut.jpg", good[1].read_bytes()[:2000], "image/jpeg")),
              ("files", ("empty.png", b"", "image/png"))]
-    r = client.post("/v1/predict/batch", files=files)
+    r = client.post("/v1/predict/batch", files=files, params={"explain": "true"})
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["n_ok"], body["n_failed"]) == (2, 3)
     assert [p["index"] for p in body["predictions"]] == [0, 2]
     for p, img in zip(body["predictions"], good, strict=True):
-        single = post(client, img).json()["prediction"]
+        single = post(client, img, params={"explain": "true"}).json()["prediction"]
         assert p["prob_fractured"] == pytest.approx(single["prob_fractured"], abs=1e-5)
+        assert [p[k] for k in LOC] == pytest.approx([single[k] for k in LOC], abs=2e-4)
+        own = load_gray(img, None)
+        assert Image.open(io.BytesIO(base64.b64decode(p["image_png_base64"]))).size == \
+            own.shape[::-1]
     errs = {e["file"]: e for e in body["errors"]}
     assert errs["notes.txt"]["status"] == 415
     assert errs["cut.jpg"]["status"] == 422 and "truncated" in errs["cut.jpg"]["reason"]
@@ -379,6 +410,7 @@ def test_health_openapi_and_offline_docs(client):
     assert {"413", "415", "422", "503"} <= set(spec["paths"]["/v1/predict"]["post"]["responses"])
     docs = client.get("/docs")
     assert docs.status_code == 200 and "POST /v1/predict/batch" in docs.text
+    assert all(k in docs.text for k in LOC) and "heatmap_layer_png_base64" in docs.text
     assert "Content-Security-Policy" in docs.headers
     assert client.get("/redoc").status_code == 404
     assert client.get("/v1/nothing").status_code == 404

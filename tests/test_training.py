@@ -189,3 +189,37 @@ def test_average_weights_means_floats_and_keeps_integer_buffers():
 def test_config_refuses_nonsense_options(bad, says):
     with pytest.raises(ValueError, match=says):
         TrainConfig(**bad)
+
+
+def test_box_supervised_run_trains_a_fracture_map_that_export_and_prediction_use(
+        tmp_path, tiny_runs):
+    """Warm start from a trained run, boxes from a file: the fracture-map loss falls, the run
+    is one member whose heat map is the trained map (in [0, 1]) through ONNX prediction."""
+    from bonefrac.export.onnx import export_model
+    from bonefrac.inference import Ensemble
+
+    cfg = _cfg(epochs_frozen=0, epochs_finetune=4, views=1, boxes=str(
+        TEST_DATA / "fracture_boxes.csv"), init_from=str(tiny_runs["mobilenetv2"]),
+        lr_finetune=3e-3)
+    run = train(TEST_DATA, tmp_path / "loc", cfg)
+    mj = json.loads((run / "model.json").read_text())
+    assert mj["loc_head"] is True and mj["heatmap"] == "fracture_map"
+    hist = json.loads((run / "history.json").read_text())
+    assert [h["stage"] for h in hist] == ["finetune"] * 4
+    assert hist[-1]["loc_loss"] < hist[0]["loc_loss"]  # the same view every epoch: it learns
+    ens = Ensemble.load(export_model(run, tmp_path / "exported"), backend="onnx")
+    gray = np.stack([np.asarray(Image.open(p).convert("L").resize((TINY_SIZE, TINY_SIZE)))
+                     for p in sorted(TEST_DATA.rglob("*.jpg"))[:4]])
+    pred = ens.predict_gray(gray, explain=True)
+    assert pred.cam.shape == (4, 3, 3) and pred.cam.min() >= 0 and pred.cam.max() <= 1
+    assert pred.loc.score == pytest.approx(pred.cam.reshape(4, -1).max(1), abs=0.05)
+
+
+def test_box_supervision_is_off_without_boxes_or_with_weight_zero(tmp_path):
+    run = train(TEST_DATA, tmp_path / "plain", _cfg(epochs_frozen=1, epochs_finetune=1,
+                                                    loc_weight=0.0,
+                                                    boxes=str(TEST_DATA / "fracture_boxes.csv")),
+                finalize=False)
+    mj = json.loads((run / "model.json").read_text())
+    assert mj["loc_head"] is False and mj["heatmap"] == "gradcam"
+    assert "loc_loss" not in json.loads((run / "history.json").read_text())[-1]

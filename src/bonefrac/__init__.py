@@ -18,3 +18,6 @@ DISCLAIMER = (
 
 # Class index 1 is the positive class: the probability we report is P(fractured).
 CLASSES: tuple[str, str] = ("non_fractured", "fractured")
+
+# What a member's heat-map output is: a box-supervised per-cell P(fracture), or Grad-CAM.
+FRACTURE_MAP, GRADCAM = "fracture_map", "gradcam"

@@ -37,7 +37,18 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-images", type=int, default=None,
                    help="use at most N images per split (smoke tests)")
-    p.add_argument("--size", type=int, default=None, help="override the input size (smoke tests)")
+    p.add_argument("--size", type=int, default=None,
+                   help="input size in pixels (square, stretch-resized); default: the "
+                        "backbone's own, 224")
+    p.add_argument("--loc-weight", type=float, default=d.loc_weight,
+                   help="weight of the fracture-map loss when the data set has boxes.csv "
+                        "(or --boxes); 0 trains without box supervision")
+    p.add_argument("--boxes", default=None,
+                   help="a boxes.csv (path,x0,y0,x1,y1 as fractions); default: DATA/boxes.csv "
+                        "if present")
+    p.add_argument("--init-from", default=None,
+                   help="warm start from a trained model: a run folder, an ensemble folder "
+                        "(its member of --arch) or a .safetensors file; default: ImageNet")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--bn", choices=("train", "frozen"), default="train" if d.train_bn else "frozen",
                    help="BatchNorm of the fine-tuned blocks: batch statistics (train) or the "
@@ -78,7 +89,8 @@ def run(args) -> int:
         dropout=args.dropout, seed=args.seed, max_images=args.max_images, size=args.size,
         threshold_policy=args.threshold_policy, train_bn=args.bn == "train", monitor=args.stop_on,
         schedule=args.schedule, label_smoothing=args.label_smoothing, ema=args.ema,
-        mixup=args.mixup)
+        mixup=args.mixup, loc_weight=args.loc_weight, boxes=args.boxes,
+        init_from=args.init_from)
     try:
         train(args.data, args.out, cfg, resume=args.resume, device=args.device)
     finally:

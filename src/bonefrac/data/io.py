@@ -39,6 +39,8 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                             ".jp2", ".j2k", ".pgm", ".ppm", ".avif", ".heic", ".heif",
                             *DICOM_SUFFIXES})
+# Overlays are drawn at the original image's size, up to this many pixels on the longest side.
+DISPLAY_MAX_SIDE = 2048
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -90,22 +92,36 @@ def check_dimensions(width: int, height: int) -> None:
                            f"{MIN_SIDE}x{MIN_SIDE} needed)")
 
 
-def decode_pil(im: Image.Image, size: int) -> np.ndarray:
+def decode_pil(im: Image.Image, size: int | None) -> np.ndarray:
     """Pillow image -> ``(size, size)`` uint8 grayscale (EXIF-oriented, bilinear, antialiased).
 
     ``im`` may be lazily opened: its size is checked before any pixel is decoded.
+    ``size=None``: the image's own aspect, longest side at most ``DISPLAY_MAX_SIDE``.
     """
     check_dimensions(im.width, im.height)
+    if size is None:
+        scale = min(1.0, DISPLAY_MAX_SIDE / max(im.width, im.height))
+        target = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    else:
+        target = (size, size)
     if im.format == "JPEG" and im.mode in ("L", "RGB", "CMYK", "YCbCr"):
         # Let libjpeg decode at a reduced scale (>= size): several times faster on big films.
-        im.draft("L" if im.mode == "L" else "RGB", (size, size))
+        im.draft("L" if im.mode == "L" else "RGB", target)
     im = ImageOps.exif_transpose(im)
     gray = _to_8bit_gray(im)
-    return np.asarray(gray.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    if size is None:  # EXIF rotation may have swapped the sides
+        scale = min(1.0, DISPLAY_MAX_SIDE / max(gray.width, gray.height))
+        target = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
+        if target == gray.size:
+            return np.asarray(gray, dtype=np.uint8)
+    return np.asarray(gray.resize(target, Image.BILINEAR), dtype=np.uint8)
 
 
-def load_gray(path: str | os.PathLike, size: int = 224) -> np.ndarray:
+def load_gray(path: str | os.PathLike, size: int | None = 224) -> np.ndarray:
     """Read an image or DICOM file and return it as a ``(size, size)`` uint8 array.
+
+    ``size=None`` keeps the image's own size and aspect (for overlays), with the longest side
+    capped at ``DISPLAY_MAX_SIDE``.
 
     The format comes from the content, so a PNG named ``.jpg`` or a DICOM file with no
     extension both work.

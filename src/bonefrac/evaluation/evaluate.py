@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bonefrac import DISCLAIMER
+from bonefrac.data.boxes import dataset_boxes
 from bonefrac.data.dataset import DatasetIndex, Sample, decode_all
 from bonefrac.evaluation import plots
 from bonefrac.evaluation.calibration import calibrated_prob
+from bonefrac.evaluation.localisation import localisation_metrics
 from bonefrac.evaluation.metrics import (
     binary_metrics,
     brier_score,
@@ -22,7 +24,7 @@ from bonefrac.evaluation.metrics import (
 from bonefrac.evaluation.report import write_split_results
 from bonefrac.evaluation.thresholds import choose_threshold
 from bonefrac.inference.ensemble import Ensemble, fuse
-from bonefrac.utils import cache_dir, write_json
+from bonefrac.utils import atomic_write, cache_dir, write_json
 
 
 @dataclass
@@ -88,10 +90,13 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
 
     The model's stored threshold and operating points are used as they are (chosen on its
     validation split); ``refit_threshold`` re-tunes them on the evaluated data and says so.
+    When the data set has a ``boxes.csv`` and the split has fractured images with boxes, the
+    localisation metrics are added (:func:`evaluate_localisation`, key ``"localisation"``).
     """
     ens = Ensemble.load(model_dir, backend=backend)
     if subgroup:
         check_subgroup_column(index.split(split), subgroup)  # fail before any model runs
+    boxes = dataset_boxes(index.root)  # a malformed boxes.csv fails before any model runs
     is_ens = len(ens.members) > 1
     sfx = "_ensemble" if is_ens else ""
     res = Path(out) if out else Path(model_dir) / "Results"
@@ -141,12 +146,119 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
         from bonefrac.evaluation.comparison import write_comparison
 
         result["comparison"] = write_comparison(res, ens, so.y, probs, p, split)
+    if boxes:
+        loc = evaluate_localisation(ens, so.samples, boxes, res)
+        if loc is not None:
+            result["localisation"] = loc
     write_json(res / "metrics.json", result)
     write_json(res / "predictions.json", [
         {"file": s.rel, "label": int(y), "prob": float(q),
          **{f"prob_{n}": float(v[i]) for n, v in probs.items()}}
         for i, (s, y, q) in enumerate(zip(so.samples, so.y, p, strict=True))])
     return result
+
+
+LOC_BATCH = 32  # images per explain=True run: the maps stay small in memory
+MISSES_DIR = "localisation_misses"
+N_GALLERY = 8
+
+
+def scored_samples(samples: Sequence[Sample], boxes: Mapping[str, np.ndarray]) -> list[Sample]:
+    """The samples localisation scores: fractured images with at least one box."""
+    return [s for s in samples if s.label == 1 and len(boxes.get(s.rel, ())) > 0]
+
+
+def evaluate_localisation(ens: Ensemble, samples: Sequence[Sample],
+                          boxes: Mapping[str, np.ndarray], res: Path, *,
+                          batch: int = LOC_BATCH, n_gallery: int = N_GALLERY) -> dict | None:
+    """Localisation metrics of ``ens``'s heat maps against ``boxes`` (``dataset_boxes``).
+
+    Runs the model with ``explain=True`` on the fractured samples that have a box (in batches
+    of ``batch``), scores them with
+    :func:`~bonefrac.evaluation.localisation.localisation_metrics`, writes
+    ``res/localisation.json`` (the summary plus one record per image) and a gallery of the
+    ``n_gallery`` worst pointing misses to ``res/localisation_misses/NN_<name>.png``.
+    Returns the summary for ``metrics.json`` (worst misses with their files), or None when no
+    sample has a box.
+    """
+    gallery = res / MISSES_DIR
+    for old in gallery.glob("*.png") if gallery.is_dir() else ():
+        old.unlink()  # no stale figures from an earlier evaluation
+    scored = scored_samples(samples, boxes)
+    if not scored:
+        return None
+    gray, kept = {}, []
+    for size in sorted(ens.sizes):
+        gray[size], kept, _ = decode_all(scored, size, desc="localisation",
+                                         cache_dir=cache_dir() / "decoded")
+    if not kept:
+        return None
+    peaks, pred_boxes, maps = [], [], []
+    for i in range(0, len(kept), batch):
+        pred = ens.predict_gray({s: g[i:i + batch] for s, g in gray.items()}, explain=True)
+        peaks.append(pred.loc.peak)
+        pred_boxes.append(pred.loc.box)
+        maps.append(np.asarray(pred.cam, np.float32))
+    peak, pbox, cam = np.concatenate(peaks), np.concatenate(pred_boxes), np.concatenate(maps)
+    gt = [np.asarray(boxes[s.rel], np.float32).reshape(-1, 4) for s in kept]
+    loc = localisation_metrics(peak, pbox, cam, gt, n_worst=n_gallery)
+    per_image = loc.pop("per_image")
+    big = max(gray)
+    for rank, w in enumerate(loc["worst_misses"], start=1):
+        i = w["index"]
+        w["file"] = kept[i].rel
+        w["png"] = f"{MISSES_DIR}/{rank:02d}_{_safe_stem(kept[i].rel)}.png"
+        write_miss_png(res / w["png"], gray[big][i], cam[i], gt[i], peak[i], pbox[i],
+                       f"#{rank} distance {w['distance']:.3f}  {kept[i].rel}")
+    write_json(res / "localisation.json", {**loc, "images": [
+        {"file": s.rel, "boxes": gt[i].tolist(), "peak": peak[i].tolist(),
+         "box": pbox[i].tolist(), **{k: v[i] for k, v in per_image.items()}}
+        for i, s in enumerate(kept)]})
+    return loc
+
+
+def _safe_stem(rel: str, limit: int = 60) -> str:
+    stem = Path(rel).stem
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:limit]
+
+
+def _jet(v: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB float in [0, 1], a jet-like ramp."""
+    return np.stack([np.clip(1.5 - np.abs(4 * v - k), 0, 1) for k in (3, 2, 1)], -1)
+
+
+def write_miss_png(path: Path, gray: np.ndarray, cam: np.ndarray, gt: np.ndarray,
+                   peak: np.ndarray, box: np.ndarray, caption: str, scale: int = 2,
+                   alpha: float = 0.4) -> None:
+    """One gallery figure: the model's input ``gray`` ``(S, S)`` uint8 (enlarged ``scale``
+    times) with the map (scaled to its own peak, jet, opacity ``alpha``), the ground-truth boxes
+    ``(k, 4)`` in green, the predicted box in yellow, the peak ``(x, y)`` as a red cross and a
+    caption strip. All coordinates are fractions of the image."""
+    from PIL import Image, ImageDraw
+
+    from bonefrac.inference.localise import upsample
+
+    side = gray.shape[0] * scale
+    m = np.clip(upsample(cam, side), 0, None)
+    m = m / m.max() if m.max() > 0 else m
+    g = np.asarray(Image.fromarray(gray).resize((side, side), Image.BILINEAR), np.float32) / 255
+    rgb = (1 - alpha) * g[..., None] + alpha * _jet(m)
+    im = Image.new("RGB", (side, side + 18), (20, 22, 25))
+    im.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (0, 0))
+    d = ImageDraw.Draw(im)
+
+    def px(b: np.ndarray) -> list[float]:
+        return [float(v) * side for v in b]
+
+    d.rectangle(px(box), outline=(255, 220, 0), width=1)
+    for b in gt:
+        d.rectangle(px(b), outline=(0, 230, 0), width=2)
+    x, y = px(peak)
+    d.line([(x - 7, y), (x + 7, y)], fill=(255, 30, 30), width=2)
+    d.line([(x, y - 7), (x, y + 7)], fill=(255, 30, 30), width=2)
+    d.text((3, side + 3), caption[:side // 6], fill=(235, 235, 235))
+    with atomic_write(path, "wb") as f:
+        im.save(f, format="PNG")
 
 
 # Names of the YOLO class ids in the shared set's groups.csv ``yolo_classes`` column (the order of

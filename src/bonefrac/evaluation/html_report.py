@@ -20,6 +20,8 @@ from bonefrac.evaluation.model_card import (
     calibration_table,
     fmt,
     limitations,
+    localisation_notes,
+    localisation_table,
     member_table,
     metric_table,
     operating_points,
@@ -138,6 +140,36 @@ def _figures(paths: list[Path], warnings: list[str]) -> str:
     return "\n".join(out)
 
 
+def _miss_gallery(misses: list[tuple[Path, str]], warnings: list[str]) -> str:
+    """The worst localisation misses as inline figures, each with its own caption."""
+    out = []
+    for p, caption in misses:
+        uri = png_data_uri(p)
+        if uri is None:
+            warnings.append(f"{p}: not a readable PNG, left out")
+            continue
+        out.append(f'<figure><img src="{uri}" alt="{_e(caption)}">'
+                   f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return "\n".join(out)
+
+
+def _localisation(inp: ReportInputs, warnings: list[str]) -> list[str]:
+    """The Localisation section, or nothing when ``metrics.json`` has no "localisation"."""
+    table = localisation_table(inp)
+    if table is None:
+        return []
+    out = ["<h2>Localisation</h2>",
+           "<ul>" + "".join(f"<li>{_inline_md(x)}</li>" for x in localisation_notes(inp))
+           + "</ul>", html_table(table)]
+    if inp.localisation_misses:
+        out += ["<h3>Worst misses</h3>",
+                "<p class='muted'>The pointing-game misses whose peak lies farthest from a "
+                "box: the model's input with its heat map, the fracture boxes in green, the "
+                "predicted box in yellow and the peak as a red cross.</p>",
+                _miss_gallery(inp.localisation_misses, warnings)]
+    return out
+
+
 def render_html(inp: ReportInputs) -> tuple[str, list[str]]:
     """The report as one HTML string, and warnings (figures that could not be embedded)."""
     m, meta = inp.metrics, inp.meta
@@ -192,6 +224,7 @@ def render_html(inp: ReportInputs) -> tuple[str, list[str]]:
     ]
     if inp.comparison_md:
         parts += ["<h2>Comparison</h2>", markdown_to_html(inp.comparison_md)]
+    parts += _localisation(inp, warnings)
     sg = subgroup_table(inp)
     parts.append("<h2>Subgroups</h2>")
     parts += ([f"<p>{_e(sg[1])}</p>", html_table(sg[0])] if sg else

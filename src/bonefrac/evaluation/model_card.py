@@ -91,6 +91,8 @@ class ReportInputs:
     pngs: list[Path] = field(default_factory=list)
     data: DataInfo | None = None
     heatmaps: list[Path] = field(default_factory=list)  # Results/*/heatmaps/*.png overlays
+    # (figure, caption) of the worst localisation misses, Results/localisation_misses/*.png
+    localisation_misses: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def _read_json(path: Path) -> dict:
@@ -142,7 +144,21 @@ def load_inputs(model_dir: str | Path, results_dir: str | Path | None = None,
         threshold_note=note.read_text(encoding="utf-8") if note.is_file() else None,
         pngs=sorted(res.glob("*.png")),
         data=describe_data(data) if data else None,
-        heatmaps=sorted(res.glob("*/heatmaps/*.png")))
+        heatmaps=sorted(res.glob("*/heatmaps/*.png")),
+        localisation_misses=localisation_misses(metrics, res))
+
+
+def localisation_misses(metrics: dict, res: Path) -> list[tuple[Path, str]]:
+    """(PNG, caption) of the worst localisation misses listed in ``metrics.json`` whose figure
+    exists in the results folder ``res`` (only those: a stale figure is never shown)."""
+    loc = metrics.get("localisation") or {}
+    out = []
+    for rank, w in enumerate(loc.get("worst_misses") or [], start=1):
+        png = res / str(w.get("png", ""))
+        if w.get("png") and png.is_file():
+            out.append((png, f"#{rank} {w.get('file', '?')}: peak {fmt(w.get('distance'))} "
+                             "from the nearest box (fraction of the image)"))
+    return out
 
 
 def describe_data(path: str | Path) -> DataInfo:
@@ -273,6 +289,46 @@ def subgroup_table(inp: ReportInputs) -> tuple[Table, str] | None:
     return (head, rows), str(sg.get("note", ""))
 
 
+LOCALISATION_ROWS = (
+    ("pointing_game", "Pointing game (peak within 15/224 of a box)"),
+    ("box_hit_rate", "Box hit rate (IoU >= 0.3)"),
+    ("mass_inside", "Heat-map mass inside boxes"),
+)
+
+
+def localisation_table(inp: ReportInputs) -> Table | None:
+    """Metric, value [95% CI] (k/n), centre and random baselines [95% CI] and n images, from
+    ``metrics.json`` "localisation"; None when it was not evaluated (no boxes)."""
+    loc = inp.metrics.get("localisation")
+    if not loc:
+        return None
+    rows = []
+    for key, label in LOCALISATION_ROWS:
+        e = loc.get(key) or {}
+        b = e.get("baselines") or {}
+        rows.append([label, fmt_metric(e), fmt_metric(b.get("centre")),
+                     fmt_metric(b.get("random")), str(e.get("n", loc.get("n_images", "n/a")))])
+    return ["metric", "value [95% CI]", "centre baseline", "random baseline", "n images"], rows
+
+
+def localisation_notes(inp: ReportInputs) -> list[str]:
+    """What was scored and how each metric and baseline is defined (from ``metrics.json``)."""
+    loc = inp.metrics.get("localisation") or {}
+    bs = loc.get("bootstrap") or {}
+    out = [f"Scored: the {loc.get('n_images', 'n/a')} fractured images of the evaluated set "
+           f"that have a fracture box ({loc.get('n_boxes', 'n/a')} boxes, `boxes.csv`), "
+           "whatever the model predicted for them. 95% CIs: percentile bootstrap over images "
+           f"({bs.get('n_boot', 'n/a')} resamples, seed {bs.get('seed', 'n/a')}); baselines "
+           "are resampled with the same images."]
+    for key, label in LOCALISATION_ROWS:
+        e = loc.get(key) or {}
+        b = e.get("baselines") or {}
+        out.append(f"{label}: {e.get('definition', 'n/a')}. Centre baseline: "
+                   f"{(b.get('centre') or {}).get('definition', 'n/a')}; random baseline: "
+                   f"{(b.get('random') or {}).get('definition', 'n/a')}.")
+    return out
+
+
 def model_date(inp: ReportInputs) -> str:
     """UTC date of the newest member weights file (copies keep it: shutil.copy2)."""
     times = [(inp.model_dir / s[k]).stat().st_mtime for s in inp.meta.get("members", [])
@@ -347,8 +403,18 @@ def limitations(inp: ReportInputs) -> list[str]:
                        "positive. Do not use it.")
     if inp.metrics.get("threshold_refit_on_this_data"):
         out.append("The threshold was RE-FIT on the evaluated data: its metrics are optimistic.")
-    out.append("Image-level labels only: no localisation ground truth, so the Grad-CAM maps "
-               "are unvalidated hints, not evidence of where a fracture is.")
+    loc = inp.metrics.get("localisation")
+    if loc:
+        pg = loc.get("pointing_game") or {}
+        rnd = (pg.get("baselines") or {}).get("random") or {}
+        out.append(f"Localisation was checked against fracture boxes on {loc.get('n_images')} "
+                   f"fractured images: pointing game {fmt(pg.get('value'))} against "
+                   f"{fmt(rnd.get('value'))} for a random point (Localisation section). On any "
+                   "one image the map can still point at the wrong place: it is a hint, not "
+                   "evidence of where a fracture is.")
+    else:
+        out.append("Image-level labels only: no localisation ground truth, so the Grad-CAM "
+                   "maps are unvalidated hints, not evidence of where a fracture is.")
     return out
 
 
@@ -467,11 +533,24 @@ def render_model_card(inp: ReportInputs) -> str:
               "validation:"]
     for label, desc, _ in operating_points(inp):
         lines.append(f"  - {label}: {desc}")
+    if m.get("localisation"):
+        lines.append("- Localisation against the data set's fracture boxes (`boxes.csv`): "
+                     "pointing game, box hit rate (IoU >= 0.3) and the share of heat-map mass "
+                     "inside the boxes, each with a bootstrap 95% CI beside a centre and a "
+                     "random baseline (Quantitative analysis, Localisation).")
     lines += ["", "## Quantitative analysis", "", *md_table(metric_table(inp)), ""]
     if inp.comparison_md:
         body = inp.comparison_md.strip().splitlines()
         lines += ["### Baseline vs members vs ensemble", ""] + [
             ln for ln in body if not ln.startswith("# ")] + [""]
+    lt = localisation_table(inp)
+    if lt:
+        lines += ["### Localisation", "", *[f"- {x}" for x in localisation_notes(inp)], "",
+                  *md_table(lt), ""]
+        if inp.localisation_misses:
+            lines += [f"Worst misses (figures in `{inp.results_dir.name}/"
+                      "localisation_misses/`): " + "; ".join(c for _, c in
+                                                            inp.localisation_misses) + ".", ""]
     lines += ["## Calibration", "",
               "Temperature scaling (one T per member, fitted on validation by minimising NLL), "
               "before -> after:", "", *md_table(calibration_table(inp)), "",

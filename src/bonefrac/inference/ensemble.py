@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bonefrac import FRACTURE_MAP, GRADCAM
 from bonefrac.data.preprocess import Preprocessing
 from bonefrac.evaluation.calibration import calibrated_prob
+from bonefrac.inference.localise import Localisation, localise
 from bonefrac.utils import sha256_file
 
 META_NAME = "ensemble_meta.json"
@@ -48,14 +50,26 @@ class Member:
     spec: dict = field(default_factory=dict)  # the member's entry in the meta, as stored
     runner: object = None  # OnnxRunner or bonefrac.models.torch_runner.TorchRunner
 
+    @property
+    def heatmap(self) -> str:
+        """What the member's map output is: ``FRACTURE_MAP`` (a trained per-cell P(fracture),
+        box-supervised) or ``GRADCAM`` (closed-form Grad-CAM of the fracture logit)."""
+        return self.spec.get("heatmap") or self.spec.get("config", {}).get("heatmap", GRADCAM)
+
 
 @dataclass
 class Prediction:
-    """Outputs for N images: fused and per-member P(fractured), and optional Grad-CAM maps."""
+    """Outputs for N images: fused and per-member P(fractured), and optional heat maps.
+
+    ``cam``: ``(N, h, w)`` in [0, 1], the members' maps fused with the fusion weights (a
+    supervised fracture map is a per-cell probability and is used as is; a Grad-CAM map is
+    scaled to a peak of 1). ``loc``: its peak and box (:mod:`bonefrac.inference.localise`).
+    """
 
     prob: np.ndarray  # (N,)
     member_probs: dict[str, np.ndarray]  # name -> (N,)
-    cam: np.ndarray | None = None  # (N, h, w) in [0, 1], fused with the fusion weights
+    cam: np.ndarray | None = None
+    loc: Localisation | None = None
 
 
 class Ensemble:
@@ -141,15 +155,34 @@ class Ensemble:
             gray = {s: gray for s in self.sizes}
         outs = self.member_logits(gray, want_cam=explain)
         probs = {m.name: calibrated_prob(outs[m.name][0], m.temperature) for m in self.members}
-        cam = None
-        if explain:
-            cam = sum(m.weight * _normalise_cam(outs[m.name][1]) for m in self.members)
-        return Prediction(fuse(probs, self.weights), probs, cam)
+        prob = fuse(probs, self.weights)
+        if not explain:
+            return Prediction(prob, probs)
+        maps = [_member_map(m, outs[m.name][1]) for m in self.members]
+        hw = max(mp.shape[1:] for mp in maps)  # members of different sizes: the finest grid
+        cam = sum(m.weight * _resize_maps(mp, hw) for m, mp in zip(self.members, maps,
+                                                                   strict=True))
+        supervised = any(m.heatmap == FRACTURE_MAP for m in self.members)
+        # The box's score: the fused fracture map's peak where a member has one, else P.
+        return Prediction(prob, probs, cam, localise(cam, None if supervised else prob))
 
     def decide(self, prob: np.ndarray | float, point: str | None = None):
         """True where P(fractured) >= the threshold (default or a named operating point)."""
         t = self.threshold if point is None else self.operating_points[point]["threshold"]
         return np.asarray(prob) >= t
+
+
+def _member_map(m: Member, cam: np.ndarray) -> np.ndarray:
+    return cam if m.heatmap == FRACTURE_MAP else _normalise_cam(cam)
+
+
+def _resize_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if maps.shape[1:] == hw:
+        return maps
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(mp, np.float32), mode="F")
+                                .resize(hw[::-1], Image.BILINEAR)) for mp in maps])
 
 
 def _normalise_cam(cam: np.ndarray) -> np.ndarray:

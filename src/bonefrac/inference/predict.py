@@ -33,6 +33,7 @@ import numpy as np
 from bonefrac import CLASSES, DISCLAIMER, __version__
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageReadError, load_gray, open_formats
 from bonefrac.inference.ensemble import Ensemble
+from bonefrac.inference.localise import Localisation
 from bonefrac.inference.runners import default_threads
 from bonefrac.utils import display_path, write_json, write_text
 
@@ -161,28 +162,36 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
     if not ok:
         return [], errors
     gray = {s: np.stack([a[s] for a in decoded]) for s in sizes}
-    try:
-        pred = ens.predict_gray(gray, explain=explain)
+    try:  # the heat map is always computed: its peak and box are columns of every row
+        pred = ens.predict_gray(gray, explain=True)
     except Exception as e:  # report the batch's files, keep the run going
         return [], errors + [{"file": display_path(f), "reason": f"inference failed ({e})"}
                              for f in ok]
     rows = []
     for i, f in enumerate(ok):
-        big = gray[sizes[-1]][i]  # warnings and overlays use the largest input a member saw
+        big = gray[sizes[-1]][i]  # warnings use the largest input a member saw
         row = make_row(ens, f, pred.prob[i], {k: v[i] for k, v in pred.member_probs.items()},
-                       warning=image_warning(f, big))
+                       warning=image_warning(f, big), loc=loc_fields(pred.loc, i))
         if explain and heatmap_dir is not None:
-            from bonefrac.inference.heatmap import save_overlay
-
-            try:
-                row["heatmap"] = str(save_overlay(big, pred.cam[i], heatmap_dir, f,
-                                                  pred.prob[i]))
-            except OSError as e:  # e.g. disk full: the prediction itself is still good
-                row["heatmap"] = ""
-                row["warning"] = "; ".join(filter(None, [row["warning"],
-                                                         f"heat map not written ({e})"]))
+            _write_overlay(row, f, pred.cam[i], heatmap_dir, ens)
         rows.append(row)
     return rows, errors
+
+
+def _write_overlay(row: dict, f: Path, cam: np.ndarray, heatmap_dir: Path, ens: Ensemble
+                   ) -> None:
+    """The overlay PNG at the original image's size; its path (or why not) goes into ``row``."""
+    from bonefrac.inference.heatmap import save_overlay
+
+    try:
+        full = load_gray(f, None)
+        row["heatmap"] = str(save_overlay(
+            full, cam, heatmap_dir, f, prob=row["prob_fractured"], threshold=ens.threshold,
+            decision=row["decision"], box=[row[k] for k in BOX_COLUMNS[:4]],
+            peak=[row["peak_x"], row["peak_y"]]))
+    except (OSError, ImageReadError) as e:  # e.g. disk full: the prediction itself is good
+        row["heatmap"] = ""
+        row["warning"] = "; ".join(filter(None, [row["warning"], f"heat map not written ({e})"]))
 
 
 def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEFAULT_BATCH,
@@ -263,9 +272,21 @@ def progress_bar(total: int, enabled: bool = True):
 
 
 # --------------------------------------------------------------------------------- outputs
+PEAK_COLUMNS = ("peak_x", "peak_y")
+BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1", "box_score")
+
+
+def loc_fields(loc: Localisation, i: int) -> dict[str, float]:
+    """Image ``i``'s peak and box (fractions of the original image's width/height) and score."""
+    vals = [*loc.peak[i], *loc.box[i], loc.score[i]]
+    return {k: round(float(v), 4) for k, v in zip(PEAK_COLUMNS + BOX_COLUMNS, vals,
+                                                   strict=True)}
+
+
 def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, float],
-             warning: str = "") -> dict:
-    """One output row: fused and member P(fractured), decisions, confidence, model, warning."""
+             warning: str = "", loc: dict[str, float] | None = None) -> dict:
+    """One output row: fused and member P(fractured), decisions, confidence, the heat map's
+    peak and box (``loc``, from :func:`loc_fields`), model, warning."""
     decision = bool(prob >= ens.threshold)
     row = {"file": display_path(path), "prob_fractured": round(float(prob), 6)}
     row.update({f"prob_{k}": round(float(v), 6) for k, v in member_probs.items()})
@@ -275,6 +296,7 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
         "threshold": round(ens.threshold, 6)})
     for name, op in ens.operating_points.items():
         row[f"decision_{name}"] = CLASSES[int(prob >= op["threshold"])]
+    row.update(loc or {})
     row.update({"model_id": ens.model_id, "version": __version__, "warning": warning})
     return row
 

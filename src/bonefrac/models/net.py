@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bonefrac import FRACTURE_MAP, GRADCAM
 from bonefrac.data.preprocess import Preprocessing
 
 
@@ -49,35 +50,64 @@ class Head(nn.Module):
 
 
 class FractureNet(nn.Module):
-    def __init__(self, arch: str, backbone: Backbone, hidden: int = 256, dropout: float = 0.3):
+    """Backbone blocks -> last feature map -> classification head (and, with ``loc_head``, a
+    1x1-conv fracture map: one logit per feature-map cell, trained against fracture boxes).
+
+    ``heatmap`` says which map ``forward_with_cam`` emits: ``"fracture_map"`` (sigmoid of the
+    loc head) or ``"gradcam"`` (closed-form Grad-CAM of the fracture logit).
+    """
+
+    def __init__(self, arch: str, backbone: Backbone, hidden: int = 256, dropout: float = 0.3,
+                 loc_head: bool = False):
         super().__init__()
         self.arch = arch
         self.features = nn.Sequential(*backbone.blocks)
         self.head = Head(backbone.out_channels, hidden, dropout)
+        self.loc = nn.Conv2d(backbone.out_channels, 1, 1) if loc_head else None
         self.preprocessing = backbone.preprocessing
         self.weights_note = backbone.weights_note
         self.config = {"arch": arch, "hidden": hidden, "dropout": dropout,
-                       "backbone_weights": backbone.weights_note}
+                       "backbone_weights": backbone.weights_note, "loc_head": loc_head,
+                       "heatmap": FRACTURE_MAP if loc_head else GRADCAM}
 
     @property
     def n_blocks(self) -> int:
         return len(self.features)
 
+    @property
+    def heatmap(self) -> str:
+        return self.config["heatmap"]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` normalised input -> last feature map ``(N, C, h, w)``."""
+        return self.features(x)
+
+    def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Feature map -> ``(N, 2)`` logits (index 1 = fractured)."""
+        return self.head(fmap)
+
+    def forward_loc(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Feature map -> fracture-map logits ``(N, h, w)`` (needs ``loc_head``)."""
+        return self.loc(fmap)[:, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` normalised input -> ``(N, 2)`` logits (index 1 = fractured)."""
-        return self.head(self.features(x))
+        return self.forward_head(self.forward_features(x))
 
     def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the raw Grad-CAM map ``(N, h, w)`` of the last feature maps (ReLU'd).
+        """Logits and the heat map ``(N, h, w)`` named by ``heatmap``.
 
-        Equals h*w times the original paper's Grad-CAM (the head averages the maps before its
-        first layer); maps are normalised to [0, 1] before display, so the scale is moot.
+        Fracture map: per-cell P(fracture) in [0, 1]. Grad-CAM: ReLU'd, h*w times the original
+        paper's Grad-CAM (the head averages the maps before its first layer); such maps are
+        normalised to [0, 1] before display, so the scale is moot.
         """
         fmap = self.features(x)
         pooled = fmap.mean(dim=(2, 3))
+        logits = self.head.forward_pooled(pooled)
+        if self.heatmap == FRACTURE_MAP:
+            return logits, torch.sigmoid(self.forward_loc(fmap))
         w = self.head.cam_weights(pooled)
-        cam = torch.relu(torch.einsum("nc,nchw->nhw", w, fmap))
-        return self.head.forward_pooled(pooled), cam
+        return logits, torch.relu(torch.einsum("nc,nchw->nhw", w, fmap))
 
     def split_at(self, n_trainable: int) -> tuple[nn.Sequential, nn.Sequential]:
         """(frozen lower blocks, top ``n_trainable`` blocks)."""
@@ -103,7 +133,9 @@ def load_member(arch: str, config: dict, weights: str | Path,
 
     from bonefrac.models.registry import create_model
 
-    model = create_model(arch, weights=None, hidden=config["hidden"], dropout=config["dropout"])
+    model = create_model(arch, weights=None, hidden=config["hidden"], dropout=config["dropout"],
+                         loc_head=bool(config.get("loc_head", False)))
     model.load_state_dict(load_file(str(weights)), strict=True)
+    model.config["heatmap"] = config.get("heatmap", model.heatmap)
     model.preprocessing = Preprocessing.from_dict(preprocessing)
     return model.eval()

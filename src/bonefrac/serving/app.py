@@ -16,6 +16,8 @@ import base64
 import io
 import logging
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,13 +32,14 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from bonefrac import DISCLAIMER, __version__
-from bonefrac.inference.ensemble import Ensemble
-from bonefrac.inference.heatmap import heatmap_png
-from bonefrac.inference.predict import make_row, model_info
+from bonefrac.data.io import load_gray
+from bonefrac.inference.ensemble import Ensemble, Prediction
+from bonefrac.inference.heatmap import heat_layer, render_overlay
+from bonefrac.inference.predict import BOX_COLUMNS, loc_fields, make_row, model_info
 from bonefrac.inference.runners import default_threads
 from bonefrac.serving.docs import api_reference_html
 from bonefrac.serving.limits import DEADLINE_KEY, LimitsMiddleware
-from bonefrac.serving.uploads import FORMATS_TEXT, UploadError, decode_upload
+from bonefrac.serving.uploads import FORMATS_TEXT, UploadError, check_upload, decode_upload
 
 log = logging.getLogger("bonefrac.serving")
 
@@ -57,7 +60,10 @@ ERRORS = {
 }
 
 # FastAPI reads these annotations at run time, so this module does not use postponed ones.
-_EXPLAIN = "also return the Grad-CAM heat map overlay and the model's input as PNG"
+_EXPLAIN = ("also return the heat map: the overlay figure (the image at its own size with the "
+            "map, the localisation box, a colour bar and a caption), the map alone as a "
+            "transparent layer, and the grayscale image, as base64 PNGs")
+LAYER_MAX_SIDE = 256  # the transparent map layer: the browser upsamples it smoothly
 ExplainQ = Annotated[bool, Query(description=_EXPLAIN)]
 ExplainF = Annotated[bool, Form(alias="explain", description=_EXPLAIN + " (form field)")]
 
@@ -85,19 +91,59 @@ def _png_base64(img: Image.Image | bytes) -> str:
     return base64.b64encode(img).decode("ascii")
 
 
+def display_gray(name: str, f: BinaryIO, max_bytes: int) -> np.ndarray:
+    """An upload at its own size and aspect, ``(H, W)`` uint8 (``load_gray(path, None)``, the
+    longest side capped), for the overlay figure; decoded from a temporary file with the
+    checked suffix exactly as ``decode_upload`` does. Raises as ``load_gray``/``check_upload``.
+    """
+    f.seek(0)
+    suffix = check_upload(name, f, max_bytes)
+    with tempfile.NamedTemporaryFile(prefix="bonefrac_upload_", suffix=suffix) as tmp:
+        shutil.copyfileobj(f, tmp, 1 << 20)
+        tmp.flush()
+        return load_gray(tmp.name, None)
+
+
+def explain_fields(ens: Ensemble, pred: Prediction, j: int, row: dict, display: np.ndarray
+                   ) -> dict:
+    """The explain-only fields: the overlay figure at the upload's own size (the box and peak
+    drawn from the row's columns, as the CLI's overlays), the map alone as a transparent layer
+    (same aspect, at most ``LAYER_MAX_SIDE`` px; its alpha is the figure's fade below the
+    threshold) and the grayscale image, as base64 PNGs."""
+    cam, prob = pred.cam[j], float(pred.prob[j])
+    fig = render_overlay(display, cam, prob=prob, threshold=ens.threshold,
+                         decision=row["decision"], box=[row[k] for k in BOX_COLUMNS[:4]],
+                         peak=[row["peak_x"], row["peak_y"]])
+    h, w = display.shape
+    scale = min(1.0, LAYER_MAX_SIDE / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    layer = heat_layer(cam, size, prob=prob, threshold=ens.threshold, alpha=1.0)
+    return {"heatmap_png_base64": _png_base64(fig),
+            "heatmap_layer_png_base64": _png_base64(layer),
+            "image_png_base64": _png_base64(Image.fromarray(display))}
+
+
 def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain: bool,
                     max_bytes: int) -> tuple[list[dict], list[dict]]:
     """Decode and predict uploads as one batch (runs on a worker thread).
 
-    Returns (rows, errors): a row per good file (``make_row`` fields and warning, as in the
-    CLI's predictions.json, plus ``index`` and, with ``explain``, the Grad-CAM overlay and the
-    model's grayscale input as base64 PNGs) and ``{"index", "file", "status", "reason"}`` per
-    bad one.
+    Returns (rows, errors): a row per good file (``make_row`` fields with the heat map's peak
+    and box, and the warning, as in the CLI's predictions.json, plus ``index`` and, with
+    ``explain``, the images of :func:`explain_fields`) and ``{"index", "file", "status",
+    "reason"}`` per bad one. The map is always computed, as by the CLI: its peak and box are
+    columns of every row.
     """
     decoded, errors = [], []
     for i, (name, f) in enumerate(uploads):
         try:
-            decoded.append((i, name, *decode_upload(name, f, ens.sizes, max_bytes)))
+            g, warning = decode_upload(name, f, ens.sizes, max_bytes)
+            display = None
+            if explain:
+                try:
+                    display = display_gray(name, f, max_bytes)
+                except Exception:  # it decoded once: draw on the model's input rather than fail
+                    log.exception("decoding upload %r at its own size failed", name)
+            decoded.append((i, name, g, warning, g[max(g)] if display is None else display))
         except UploadError as e:
             errors.append({"index": i, "file": name, "status": e.status, "reason": e.reason})
         except Exception:  # a decoder bug must not cost the other files their results
@@ -106,16 +152,14 @@ def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain:
                            "reason": "internal error while reading the file"})
     rows = []
     if decoded:
-        gray = {s: np.stack([g[s] for _, _, g, _ in decoded]) for s in ens.sizes}
-        pred = ens.predict_gray(gray, explain=explain)
-        for j, (i, name, g, warning) in enumerate(decoded):
+        gray = {s: np.stack([d[2][s] for d in decoded]) for s in ens.sizes}
+        pred = ens.predict_gray(gray, explain=True)
+        for j, (i, name, _, warning, display) in enumerate(decoded):
             row = {"index": i, **make_row(ens, Path(name), pred.prob[j],
                                           {k: v[j] for k, v in pred.member_probs.items()},
-                                          warning=warning)}
+                                          warning=warning, loc=loc_fields(pred.loc, j))}
             if explain:
-                big = g[max(g)]  # the overlay is drawn on the largest input the model saw
-                row["heatmap_png_base64"] = _png_base64(heatmap_png(big, pred.cam[j]))
-                row["image_png_base64"] = _png_base64(Image.fromarray(big))
+                row.update(explain_fields(ens, pred, j, row, display))
             rows.append(row)
     return rows, errors
 
@@ -184,7 +228,10 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
                       file: Annotated[UploadFile, File(description="radiograph or DICOM")],
                       explain: ExplainQ = False, explain_form: ExplainF = False) -> dict:
         """P(fractured) for one radiograph: fused and per-member probabilities, the decision at
-        the default threshold and at each operating point, the model's identity."""
+        the default threshold and at each operating point, where the model looked (the heat
+        map's peak ``peak_x``, ``peak_y`` and box ``box_x0`` .. ``box_y1``, fractions of the
+        image's width/height, with its ``box_score``), the model's identity; with ``explain``,
+        the overlay images."""
         rows, errors = await run_job(request, [file], explain or explain_form)
         if errors:
             raise HTTPException(errors[0]["status"], f"{errors[0]['file']}: "

@@ -9,6 +9,35 @@ from __future__ import annotations
 
 from html import escape
 
+# The fields of one prediction (``prediction`` in POST /v1/predict, each of ``predictions`` in
+# the batch answer): the CLI's predictions.json row, plus ``index`` and the explain images.
+PREDICTION_FIELDS: tuple[tuple[str, str], ...] = (
+    ("index", "position of the file in the request"),
+    ("file", "the uploaded file's name"),
+    ("prob_fractured", "fused, calibrated P(fractured)"),
+    ("prob_<member>", "each ensemble member's calibrated P(fractured)"),
+    ("decision", "fractured or non_fractured at the default threshold"),
+    ("confidence", "P of the decided class"),
+    ("threshold", "the default decision threshold"),
+    ("decision_<point>", "the decision at each named operating point (triage, confirmation)"),
+    ("model_id, version", "which model and which bonefrac made the prediction"),
+    ("warning", "plausibility notes on the image ('' when none)"),
+    ("peak_x, peak_y", "the heat map's peak, as fractions (0..1) of the image's width and "
+                       "height from its top-left corner"),
+    ("box_x0, box_y0, box_x1, box_y1", "the box around the peak (the connected region where "
+                                       "the map is at least half its peak), fractions of the "
+                                       "image's width and height"),
+    ("box_score", "the box's score: the fused fracture map's peak where a member was trained "
+                  "on boxes, else P(fractured)"),
+    ("heatmap_png_base64", "with explain: PNG of the overlay figure: the image at its own size "
+                           "and aspect with the map (faded in proportion to P / threshold "
+                           "below the threshold), the box, the peak, a colour bar and a "
+                           "caption (P, threshold, decision)"),
+    ("heatmap_layer_png_base64", "with explain: the map alone as a transparent PNG (same "
+                                 "aspect, at most 256 px), to lay over the image"),
+    ("image_png_base64", "with explain: the grayscale image as decoded, at its own size"),
+)
+
 
 def _resolve(spec: dict, schema: dict) -> dict:
     ref = schema.get("$ref", "")
@@ -47,7 +76,12 @@ def api_reference_html(spec: dict) -> str:
              "API reference</h1>",
              f"<p>{escape(info.get('description', ''))}</p>",
              '<p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI '
-             f"{escape(spec.get('openapi', ''))}). Web page: <a href=\"/\">/</a>.</p>"]
+             f"{escape(spec.get('openapi', ''))}). Web page: <a href=\"/\">/</a>.</p>",
+             '<section class="op"><h2>Prediction fields</h2><table><tr><th>field</th>'
+             "<th>meaning</th></tr>"]
+    parts += [f"<tr><td><code>{escape(n)}</code></td><td>{escape(d)}</td></tr>"
+              for n, d in PREDICTION_FIELDS]
+    parts.append("</table></section>")
     for path, ops in spec.get("paths", {}).items():
         for method, op in ops.items():
             parts.append(f'<section class="op"><h2><code>{method.upper()} {escape(path)}</code>'

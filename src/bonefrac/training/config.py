@@ -54,12 +54,25 @@ class TrainConfig:
     # Mixup's Beta(a, a) parameter (0 = off): each batch is blended with a shuffled copy of itself
     # (cached activations in stage 2, pooled features in stage 1), and so are the targets.
     mixup: float = 0.0
+    # Box supervision: with fracture boxes (the data set's boxes.csv, or this file), a 1x1-conv
+    # fracture map on the last feature map is trained against per-cell box targets (all zero on
+    # non-fractured images) with this loss weight, beside the classification loss (0 = off).
+    loc_weight: float = 1.0
+    boxes: str | None = None  # a boxes.csv; default: the data set's own, if it has one
+    # BCE positive-class weight of the fracture map: boxes cover few cells.
+    loc_pos_weight: float = 5.0
+    # Warm start: initialise every layer the file holds from a trained member's safetensors
+    # (a run folder, an ensemble folder's member of the same arch, or a .safetensors file).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse nonsense before any work starts, naming the option."""
         for name in ("label_smoothing", "ema"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.loc_weight < 0 or self.loc_pos_weight <= 0:
+            raise ValueError("loc_weight must be >= 0 (0 = off) and loc_pos_weight > 0, got "
+                             f"{self.loc_weight}, {self.loc_pos_weight}")
         if self.mixup < 0:
             raise ValueError(f"mixup must be >= 0 (0 = off), got {self.mixup}")
         if any(lr <= 0 for lr in (self.lr_frozen, self.lr_finetune, *self.soup_lrs)):

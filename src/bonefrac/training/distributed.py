@@ -80,9 +80,12 @@ class _Stage(nn.Module):
         super().__init__()
         self.trainable, self.fn, self.amp = trainable, forward, amp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         with torch.autocast("cuda" if self.amp else "cpu", torch.bfloat16, enabled=self.amp):
-            return self.fn(x).float()  # losses and metrics in fp32
+            out = self.fn(x)  # logits, or (logits, fracture-map logits)
+        if isinstance(out, tuple):
+            return tuple(o.float() for o in out)  # losses and metrics in fp32
+        return out.float()
 
 
 @dataclass(frozen=True)

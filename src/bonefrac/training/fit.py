@@ -69,7 +69,8 @@ def fit_ensemble(runs: Sequence[str | Path], index: DatasetIndex, out: str | Pat
             "name": name, "arch": mj["arch"], "source_run": str(run),
             "weights": f"{name}.safetensors",
             "weights_sha256": sha256_file(out / f"{name}.safetensors"),
-            "config": {k: mj[k] for k in ("arch", "hidden", "dropout", "backbone_weights")},
+            "config": {k: mj[k] for k in ("arch", "hidden", "dropout", "backbone_weights",
+                                          "loc_head", "heatmap") if k in mj},
             "preprocessing": mj["preprocessing"], "history": f"{name}_history.json",
             "temperature": 1.0, "fusion_weight": 1.0 / len(runs)})
     meta = {"format": "bonefrac-ensemble/1",

@@ -37,12 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from bonefrac.data.boxes import cell_targets, dataset_boxes, read_boxes
 from bonefrac.data.dataset import DatasetIndex, decode_all, load_index
 from bonefrac.evaluation.metrics import roc_auc
 from bonefrac.models import create_model
 from bonefrac.models.net import FractureNet, save_run_model
 from bonefrac.models.weights import save_tensors
-from bonefrac.training.augment import augment_batch, train_augmentation
+from bonefrac.training.augment import augment_batch, augment_with_boxes, train_augmentation
 from bonefrac.training.config import TrainConfig
 from bonefrac.training.distributed import Dist, setup
 from bonefrac.utils import cache_dir, publish, write_json
@@ -99,32 +100,43 @@ class FeatureCache:
     """Per view: activations of the frozen lower blocks and pooled features of the whole frozen
     network, memory-mapped from the cache folder."""
 
-    def __init__(self, model: FractureNet, cfg: TrainConfig, fingerprint: str):
+    def __init__(self, model: FractureNet, cfg: TrainConfig, fingerprint: str,
+                 boxes_digest: str | None = None):
         self.lower, self.top = model.split_at(cfg.unfreeze_blocks)
-        key = json.dumps([cfg.arch, cfg.weights, model.n_blocks - cfg.unfreeze_blocks,
-                          cfg.seed, cfg.size, fingerprint], sort_keys=True)
+        parts = [cfg.arch, cfg.weights, model.n_blocks - cfg.unfreeze_blocks, cfg.seed,
+                 cfg.size, fingerprint]
+        if cfg.init_from:  # warm-started frozen blocks compute other activations
+            parts.append(_digest(_member_weights(Path(cfg.init_from), cfg.arch).read_bytes()))
+        if boxes_digest:  # boxes change which augmentation draws are kept
+            parts.append(boxes_digest)
+        key = json.dumps(parts, sort_keys=True)
         if next(model.parameters()).is_cuda:
             key += "|bf16-autocast"  # GPU activations differ from CPU fp32 ones
         self.dir = cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:20]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model = model
 
-    def get(self, name: str, gray: np.ndarray, view: int, batch: int
-            ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(lower-block activations ``(N, C, h, w)``, pooled frozen features ``(N, F)`` or None).
+    def get(self, name: str, gray: np.ndarray, view: int, batch: int,
+            boxes: list[np.ndarray] | None = None, pooled: bool = True
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(lower-block activations ``(N, C, h, w)``, pooled frozen features ``(N, F)`` or None,
+        fracture-map targets ``(N, gh, gw)`` or None).
 
-        Both come from one forward pass of the frozen network and are cached on disk, so
+        All come from one forward pass of the frozen network and are cached on disk, so
         stage 1 costs no extra pass and ``--resume`` or a re-run costs none at all. Views from
-        ``STAGE1_VIEWS`` on have no pooled features: the upper frozen blocks are not run.
+        ``STAGE1_VIEWS`` on (or all, with ``pooled=False``) have no pooled features: the upper
+        frozen blocks are not run. With ``boxes`` (per image, fractions) the view's boxes are
+        moved with its pixels and turned into per-cell targets on the last feature map's grid.
         """
-        kinds = ("act", "pooled") if view < STAGE1_VIEWS else ("act",)
+        kinds = ("act", "pooled") if view < STAGE1_VIEWS and pooled else ("act",)
         paths = [self.dir / f"{name}_view{view}_{kind}.npy" for kind in kinds]
-        if not all(p.exists() for p in paths):
-            if view == 0:
-                src = gray
-            else:
-                torch.manual_seed(10_000 * view + 17)  # each view is reproducible on its own
-                src = augment_batch(gray, train_augmentation())
+        tpath = self.dir / f"{name}_view{view}_loc.npy" if boxes is not None else None
+        if not all(p.exists() for p in [*paths, *([tpath] if tpath else [])]):
+            src, moved = self._view(gray, view, boxes)
+            if tpath:
+                tmp = tpath.with_name(f".{tpath.name}.{os.getpid()}.tmp.npy")
+                np.save(tmp, cell_targets(moved, self.grid()))
+                publish(tmp, tpath)
             run = self._frozen_session()
             outs: list[list[np.ndarray]] = [[] for _ in kinds]
             for i in _progress(range(0, len(src), batch), f"features {name} view {view}"):
@@ -136,7 +148,28 @@ class FeatureCache:
                 np.save(tmp, np.concatenate(arr).astype(np.float32))
                 publish(tmp, p)
         act, *rest = (np.load(p, mmap_mode="r") for p in paths)
-        return act, (rest[0] if rest else None)
+        return act, (rest[0] if rest else None), (np.load(tpath) if tpath else None)
+
+    @staticmethod
+    def _view(gray: np.ndarray, view: int, boxes: list[np.ndarray] | None):
+        """The view's images (view 0: the clean ones) and, with ``boxes``, their moved boxes."""
+        if view == 0:
+            return gray, boxes
+        torch.manual_seed(10_000 * view + 17)  # each view is reproducible on its own
+        if boxes is None:
+            return augment_batch(gray, train_augmentation()), None
+        return augment_with_boxes(gray, boxes, train_augmentation())
+
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the last feature map at the model's input size."""
+        size = self.model.preprocessing.size
+        dev = next(self.model.parameters()).device
+        with torch.no_grad():
+            was = self.model.training
+            self.model.eval()
+            shape = self.model.features(torch.zeros(1, 3, size, size, device=dev)).shape
+            self.model.train(was)
+        return int(shape[2]), int(shape[3])
 
     def _frozen_session(self):
         """The frozen network as an ONNX Runtime session: input -> (activations, pooled).
@@ -264,7 +297,8 @@ def _load_checkpoint(run: Path, stage: str, model: FractureNet, opt, sched,
 def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, train_x, train_y,
                val_x, val_y, *, epochs: int, lr: float, cfg: TrainConfig, weights: torch.Tensor,
                run: Path, history: list[dict], resume: bool, ctx: Dist,
-               schedule: str = "plateau", start_from: dict | None = None) -> list[dict]:
+               schedule: str = "plateau", start_from: dict | None = None,
+               aux=None) -> list[dict]:
     """One training stage with Adam, a learning-rate ``schedule`` ("plateau": ReduceLROnPlateau
     on ``cfg.monitor``; "onecycle": per-batch one-cycle peaking at ``lr``) and early stopping on
     ``cfg.monitor``; cross-entropy with ``cfg.label_smoothing``, optionally on mixup batches
@@ -274,7 +308,8 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
     On return ``model`` holds the stage's best weights; a fine-tuning stage that never beats
     stage 1 returns ``start_from`` (stage 1's best weights, which it starts from).
     ``train_x(epoch)`` returns that epoch's inputs (all epochs the same length);
-    ``forward(x)`` maps inputs to logits.
+    ``forward(x)`` maps inputs to logits, or to (logits, fracture-map logits) when ``aux``
+    (``aux(map_logits, epoch, rows) -> loss``, added to the classification loss) is given.
     Distributed (``ctx``): see :mod:`bonefrac.training.distributed`.
     """
     from tqdm.auto import tqdm
@@ -319,7 +354,7 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
     @torch.inference_mode()
     def validate() -> tuple[float, float, float]:
         """(loss, accuracy, ROC-AUC) on the validation inputs, identical on every rank."""
-        vl = ctx.gather_rows(lambda a: evaluate(ctx.tensor(a)), val_x, 256)
+        vl = ctx.gather_rows(lambda a: _logits(evaluate(ctx.tensor(a))), val_x, 256)
         auc = roc_auc(val_y, (vl[:, 1] - vl[:, 0]).cpu().numpy())
         acc = float((vl.argmax(1) == yv).float().mean())
         return ctx.broadcast(float(val_loss_fn(vl, yv))), acc, ctx.broadcast(auc)
@@ -334,7 +369,7 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
         trainable.train()
         if not cfg.train_bn:
             _freeze_bn(model)
-        tot, correct, seen = 0.0, 0, 0
+        tot, tot_aux, correct, seen = 0.0, 0.0, 0, 0
         t0 = time.time()
         bar = tqdm(range(0, len(x), cfg.batch_size), desc=f"{stage} {epoch}/{epochs}",
                    unit="batch", leave=False)
@@ -349,8 +384,12 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
                 loss = (lam * ctx.loss(loss_fn, logits, yb, y[idx])
                         + (1 - lam) * ctx.loss(loss_fn, logits, yb[perm], y[idx]))
             else:
-                logits = net(xb)
+                logits, maps = _split_outputs(net(xb))
                 loss = ctx.loss(loss_fn, logits, yb, y[idx])
+                if aux is not None:
+                    extra_loss = aux(maps, epoch, mine)
+                    loss = loss + extra_loss
+                    tot_aux += extra_loss.item() * len(mine)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -379,12 +418,15 @@ def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, tr
                 save_tensors(model.state_dict(), best_path)
         if schedule == "plateau":
             sched.step(monitored)
+        if aux is not None:
+            extra["loc_loss"] = tot_aux / seen
         rec = {"stage": stage, "epoch": epoch, "loss": tot / seen, "accuracy": correct / seen,
                "val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc,
                "lr": lr_used, **extra,
                "seconds": round(time.time() - t0, 2)}
         history.append(rec)
-        raw = f" (raw {extra['val_auc_raw']:.4f})" if extra else ""
+        raw = f" (raw {extra['val_auc_raw']:.4f})" if "val_auc_raw" in extra else ""
+        raw += f" | loc_loss {extra['loc_loss']:.4f}" if "loc_loss" in extra else ""
         print(f"{stage} epoch {epoch}: loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} | "
               f"val_loss {val_loss:.4f} val_acc {val_acc:.3f} val_auc {val_auc:.4f}{raw} | "
               f"lr {rec['lr']:.1e} | {rec['seconds']:.0f}s{'  *best*' if improved else ''}",
@@ -409,6 +451,14 @@ def _restore_best(model: nn.Module, best_path: Path, start_from: dict | None, ct
         elif start_from is not None:
             model.load_state_dict(start_from)
     ctx.sync_model(model)
+
+
+def _split_outputs(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def _logits(out) -> torch.Tensor:
+    return _split_outputs(out)[0]
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -445,6 +495,92 @@ def _write_history(run: Path, history: list[dict]) -> None:
     from bonefrac.utils import write_text
 
     write_text(run / "history.csv", buf.getvalue())
+
+
+def _forward_with_loc(model: FractureNet, top: nn.Module, x: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    fmap = top(x)
+    return model.head(fmap), model.forward_loc(fmap)
+
+
+class LocLoss:
+    """The fracture map's loss for a batch: ``cfg.loc_weight`` x mean BCE over the cells of the
+    scored images (``mask``) against the epoch's view's box targets."""
+
+    def __init__(self, targets: list[np.ndarray], mask: np.ndarray, cfg: TrainConfig,
+                 device: torch.device):
+        self.targets, self.views = targets, cfg.views
+        self.mask = torch.as_tensor(mask, dtype=torch.float32)
+        self.weight, self.device = cfg.loc_weight, device
+        self.pos_weight = torch.tensor(cfg.loc_pos_weight, device=device)
+
+    def __call__(self, maps: torch.Tensor, epoch: int, rows: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(self.targets[(epoch - 1) % self.views][rows]).to(self.device)
+        m = self.mask[rows].to(self.device)
+        per_cell = nn.functional.binary_cross_entropy_with_logits(
+            maps, t, pos_weight=self.pos_weight, reduction="none")
+        per_image = per_cell.mean(dim=(1, 2)) * m
+        return self.weight * per_image.sum() / m.sum().clamp(min=1.0)
+
+
+def _training_boxes(data: str | Path, cfg: TrainConfig) -> dict[str, np.ndarray] | None:
+    """The fracture boxes to supervise with, or None (no boxes, or ``loc_weight`` 0)."""
+    if cfg.loc_weight <= 0:
+        return None
+    boxes = read_boxes(cfg.boxes) if cfg.boxes else dataset_boxes(data)
+    if boxes is None:
+        print("no boxes.csv: training without box supervision")
+    return boxes
+
+
+def _image_boxes(samples, boxes: dict[str, np.ndarray] | None
+                 ) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    """Per sample its boxes (non-fractured: none) and whether the fracture map is scored on it:
+    non-fractured images always (all-zero target), fractured ones only with a box."""
+    if boxes is None:
+        return None, np.zeros(len(samples), np.float32)
+    empty = np.zeros((0, 4), np.float32)
+    per = [boxes.get(s.rel, empty) if s.label == 1 else empty for s in samples]
+    mask = np.array([s.label == 0 or len(b) > 0 for s, b in zip(samples, per, strict=True)],
+                    np.float32)
+    return per, mask
+
+
+def warm_start(model: FractureNet, source: str | Path) -> Path:
+    """Load a trained member's weights into ``model`` (same arch); only a new fracture-map head
+    may be missing from the file. ``source``: a .safetensors file, a run folder or an ensemble
+    folder (its member of ``model.arch``, checked against the meta's sha256)."""
+    from safetensors.torch import load_file
+
+    path = _member_weights(Path(source), model.arch)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or any(not k.startswith("loc.") for k in missing):
+        raise ValueError(f"{path}: not a {model.arch} member of this head layout (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+    print(f"warm start: {model.arch} weights from {path}"
+          + (" (new fracture-map head)" if missing else ""), flush=True)
+    return path
+
+
+def _member_weights(source: Path, arch: str) -> Path:
+    from bonefrac.inference.ensemble import META_NAME, _check_file
+
+    if source.is_file():
+        return source
+    if (source / META_NAME).is_file():
+        meta = json.loads((source / META_NAME).read_text())
+        spec = next((m for m in meta["members"] if m["arch"] == arch), None)
+        if spec is None:
+            raise ValueError(f"{source}: no {arch} member to warm-start from")
+        _check_file(source / spec["weights"], spec.get("weights_sha256"))
+        return source / spec["weights"]
+    if (source / "model.safetensors").is_file():
+        return source / "model.safetensors"
+    raise ValueError(f"{source}: not a weights file, run folder or ensemble folder")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _limit(samples, n):
@@ -487,32 +623,46 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
                                          "split_source": index.source,
                                          "device": str(ctx.device), "world_size": ctx.world})
 
-    model = create_model(cfg.arch, cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout)
+    boxes = _training_boxes(data, cfg)
+    if boxes is not None and cfg.mixup:
+        raise ValueError("--mixup cannot be combined with box supervision (use --loc-weight 0)")
+    model = create_model(cfg.arch, cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout,
+                         loc_head=boxes is not None)
+    if cfg.init_from:
+        warm_start(model, cfg.init_from)
     if cfg.size:
         from dataclasses import replace
 
         model.preprocessing = replace(model.preprocessing, size=cfg.size)
     model = ctx.place(model)
     size = model.preprocessing.size
-    gray = {}
+    gray, kept_train = {}, []
     for sp in ("train", "val"):
         imgs, kept, skipped = decode_all(_limit(index.split(sp), cfg.max_images), size,
                                          desc=f"decoding {sp}", cache_dir=cache_dir() / "decoded")
         index.skipped += skipped
         gray[sp] = (imgs, np.array([s.label for s in kept], dtype=np.int64))
+        kept_train = kept if sp == "train" else kept_train
     for f, r in index.skipped:
         print(f"skipped {f}: {r}")
 
     lower, top = model.split_at(cfg.unfreeze_blocks)
     for p in model.features.parameters():
         p.requires_grad_(False)
-    cache = FeatureCache(model, cfg, index.fingerprint())
+    train_boxes, loc_mask = _image_boxes(kept_train, boxes)
+    cache = FeatureCache(model, cfg, index.fingerprint(),
+                         _digest(json.dumps([b.tolist() for b in train_boxes]).encode())
+                         if boxes is not None else None)
     t_feat = time.time()
-    jobs = [("train", v) for v in range(cfg.views)] + [("val", 0)]  # each by one rank
-    ctx.spread([partial(cache.get, sp, gray[sp][0], v, cfg.batch_size) for sp, v in jobs])
-    cached = [cache.get("train", gray["train"][0], v, cfg.batch_size) for v in range(cfg.views)]
-    views = [act for act, _ in cached]
-    val_act, pooled_val = cache.get("val", gray["val"][0], 0, cfg.batch_size)
+    pooled_too = cfg.epochs_frozen > 0  # stage 1 trains on pooled features; skip them if none
+    jobs = [("train", v, train_boxes) for v in range(cfg.views)] + [("val", 0, None)]
+    ctx.spread([partial(cache.get, sp, gray[sp][0], v, cfg.batch_size, b, pooled_too)
+                for sp, v, b in jobs])  # each job by one rank
+    cached = [cache.get("train", gray["train"][0], v, cfg.batch_size, train_boxes, pooled_too)
+              for v in range(cfg.views)]
+    views = [act for act, _, _ in cached]
+    val_act, pooled_val, _ = cache.get("val", gray["val"][0], 0, cfg.batch_size, None,
+                                       pooled_too)
     print(f"cached activations of {len(lower)} frozen blocks for {cfg.views} view(s) in "
           f"{time.time() - t_feat:.0f}s", flush=True)
     ytr, yv = gray["train"][1], gray["val"][1]
@@ -520,7 +670,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     print(f"class weights (non_fractured, fractured): {weights.tolist()}")
 
     # Stage 1: the head on pooled features of the frozen network, the first views together.
-    pooled = np.concatenate([p for _, p in cached if p is not None])
+    pooled = np.concatenate([p for _, p, _ in cached if p is not None] or [np.zeros((0, 1))])
     y_all = np.tile(ytr, len(pooled) // len(ytr))
     history: list[dict] = []
     if (run / "history.json").exists() and resume:
@@ -535,16 +685,23 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     if cfg.unfreeze_blocks > 0 and cfg.epochs_finetune > 0:
         for p in top.parameters():
             p.requires_grad_(True)
-        trainable = nn.ModuleList([top, model.head])
+        trainable = nn.ModuleList([top, model.head, *([model.loc] if model.loc else [])])
+        forward, aux = (lambda x: model.head(top(x))), None
+        if model.loc is not None:
+            forward = partial(_forward_with_loc, model, top)
+            aux = LocLoss([t for _, _, t in cached], loc_mask, cfg, ctx.device)
+            print(f"box supervision: fracture-map loss weight {cfg.loc_weight} on "
+                  f"{int(loc_mask.sum())} of {len(loc_mask)} training images "
+                  f"(grid {cache.grid()}); fractured images without a box are not scored")
         stage1 = _copy_state(model)
         ingredients = []
         for k, lr in enumerate((cfg.lr_finetune, *cfg.soup_lrs)):
             history = _fit_stage(
                 "finetune" if k == 0 else f"finetune{k + 1}", model, trainable,
-                lambda x: model.head(top(x)), lambda e: views[(e - 1) % cfg.views],
+                forward, lambda e: views[(e - 1) % cfg.views],
                 lambda e: ytr, val_act, yv, epochs=cfg.epochs_finetune, lr=lr, cfg=cfg,
                 weights=weights, run=run, history=history, resume=resume, ctx=ctx,
-                schedule=cfg.schedule, start_from=stage1)
+                schedule=cfg.schedule, start_from=stage1, aux=aux)
             ingredients.append(_copy_state(model))
         if len(ingredients) > 1:
             model.load_state_dict(average_weights(ingredients))

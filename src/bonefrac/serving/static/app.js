@@ -16,6 +16,8 @@ const MESSAGES = {
 };
 
 function pct(p) { return (100 * p).toFixed(1) + " %"; }
+function css(f) { return (100 * f).toFixed(2) + "%"; }
+function isNum(v) { return typeof v === "number" && Number.isFinite(v); }
 function label(c) { return c === "fractured" ? "fractured" : "not fractured"; }
 
 function showError(text) {
@@ -82,17 +84,53 @@ function render(data, file) {
   $("version").textContent = p.version;
   $("result-disclaimer").textContent = data.disclaimer;
 
-  // Show the original file when the browser can decode it (sharper than the model's 224 px
-  // input); DICOM and TIFF fall back to the server's grayscale rendering. The heat map covers
-  // the whole image (the model sees it resized to a square), so it is stretched to fit.
+  // Show the original file when the browser can decode it; DICOM and TIFF fall back to the
+  // server's grayscale rendering at the image's own size. The heat-map layer covers the whole
+  // image (the model sees it resized to a square), so it is stretched to fit.
   const base = $("radiograph");
   base.onerror = () => { base.onerror = null; base.src = "data:image/png;base64," + p.image_png_base64; };
   if (objectUrl) URL.revokeObjectURL(objectUrl);
   objectUrl = URL.createObjectURL(file);
   base.src = objectUrl;
-  $("heatmap").src = "data:image/png;base64," + p.heatmap_png_base64;
+  $("heatmap").src = "data:image/png;base64," + (p.heatmap_layer_png_base64 || p.heatmap_png_base64);
+  showLocalisation(p);
   $("result").hidden = false;
   $("status").textContent = "Done.";
+}
+
+// The box and peak: fractions of the image's width/height, so % of the stack that the image
+// fills. Positions are set through the style object (allowed by the CSP, unlike style="").
+function showLocalisation(p) {
+  const box = [p.box_x0, p.box_y0, p.box_x1, p.box_y1];
+  const hasBox = box.every(isNum), hasPeak = isNum(p.peak_x) && isNum(p.peak_y);
+  const b = $("loc-box"), k = $("loc-peak");
+  b.hidden = !hasBox;
+  k.hidden = !hasPeak;
+  $("loc").hidden = !(hasBox || hasPeak);
+  if (hasBox) {
+    b.style.left = css(box[0]);
+    b.style.top = css(box[1]);
+    b.style.width = css(box[2] - box[0]);
+    b.style.height = css(box[3] - box[1]);
+    $("box-xy").textContent = `x ${pct(box[0])} to ${pct(box[2])}, y ${pct(box[1])} to ` +
+                              `${pct(box[3])} of the width and height`;
+  } else {
+    $("box-xy").textContent = "not available";
+  }
+  if (hasPeak) {
+    k.style.left = css(p.peak_x);
+    k.style.top = css(p.peak_y);
+    $("peak-xy").textContent = `x ${pct(p.peak_x)}, y ${pct(p.peak_y)} (from the top left)`;
+  } else {
+    $("peak-xy").textContent = "not available";
+  }
+  $("box-score").textContent = isNum(p.box_score) ? p.box_score.toFixed(2) : "not available";
+  const link = $("overlay-link");
+  link.hidden = !p.heatmap_png_base64;
+  if (p.heatmap_png_base64) {
+    link.href = "data:image/png;base64," + p.heatmap_png_base64;
+    link.download = p.file.replace(/\.[^.]*$/, "") + "_overlay.png";
+  }
 }
 
 async function analyse(file) {

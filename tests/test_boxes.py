@@ -1,0 +1,107 @@
+"""Fracture boxes: parsing, per-cell targets, boxes moved by augmentation, peak/box read-out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_DATA
+from torchvision.transforms import v2
+
+from bonefrac.data.boxes import BoxFileError, cell_targets, read_boxes
+from bonefrac.inference.localise import localise
+from bonefrac.training.augment import (
+    MIN_VISIBLE,
+    augment_batch,
+    augment_with_boxes,
+    train_augmentation,
+)
+
+
+def test_read_boxes_groups_rows_ignores_extra_columns_and_names_bad_rows(tmp_path):
+    boxes = read_boxes(TEST_DATA / "fracture_boxes.csv")
+    assert len(boxes) == 14 and sum(len(b) for b in boxes.values()) == 16
+    assert all(b.shape[1] == 4 and (b[:, 2] >= b[:, 0]).all() for b in boxes.values())
+    f = tmp_path / "boxes.csv"
+    f.write_text("path,x0,y0,x1,y1,note\na.jpg,0.1,0.2,0.3,0.4,x\na.jpg,0,0,1,1,y\n")
+    assert np.allclose(read_boxes(f)["a.jpg"], [[0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]])
+    f.write_text("path,x0,y0,x1,y1\na.jpg,0.5,0.2,0.3,0.4\n")
+    with pytest.raises(BoxFileError, match=r"boxes.csv:2: need 0 <= x0 <= x1"):
+        read_boxes(f)
+    f.write_text("path,x0,y0,x1\na.jpg,0.5,0.2,0.3\n")
+    with pytest.raises(BoxFileError, match="missing column"):
+        read_boxes(f)
+
+
+def test_cell_targets_mark_overlapped_cells_and_grow_thin_boxes():
+    t = cell_targets([np.array([[0.0, 0.0, 0.5, 0.25]]),  # top-left 2x1 cells of a 4x4 grid
+                      np.array([[0.6, 0.6, 0.6, 0.6]]),   # a zero-size box: still its one cell
+                      np.zeros((0, 4))], (4, 4))
+    assert t[0].tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert t[1].sum() == 1 and t[1, 2, 2] == 1
+    assert t[2].sum() == 0
+
+
+def _square_image(box_px: tuple[int, int, int, int], size: int = 64) -> np.ndarray:
+    img = np.zeros((size, size), np.uint8)
+    x0, y0, x1, y1 = box_px
+    img[y0:y1, x0:x1] = 255
+    return img
+
+
+def _bright_bbox(img: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(img > 127)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+@pytest.mark.parametrize("aug", [
+    v2.RandomHorizontalFlip(p=1.0),
+    v2.RandomAffine(degrees=(90, 90)),
+    v2.RandomAffine(degrees=0, translate=(0.2, 0.2), scale=(1.1, 1.1)),
+], ids=["hflip", "rotate90", "shift-zoom"])
+def test_boxes_follow_the_image_through_a_known_transform(aug):
+    img = _square_image((8, 16, 24, 40))  # a bright 16x24 rectangle = the "fracture"
+    torch.manual_seed(0)
+    out, boxes = augment_with_boxes(img[None], [np.array([[8, 16, 24, 40]]) / 64], aug)
+    expected = _bright_bbox(out[0]) / 64
+    assert boxes[0].shape == (1, 4)
+    assert np.abs(boxes[0][0] - expected).max() <= 2 / 64  # within interpolation's 2 px
+
+
+def test_no_augmented_copy_loses_its_box():
+    """A box at the border under large shifts: draws that push it out are drawn again."""
+    img = np.stack([_square_image((0, 0, 10, 10))] * 40)
+    box = [np.array([[0, 0, 10, 10]]) / 64] * 40
+    aug = v2.RandomAffine(degrees=0, translate=(0.45, 0.45))
+    torch.manual_seed(3)
+    out, moved = augment_with_boxes(img, box, aug)
+    for o, b in zip(out, moved, strict=True):
+        assert (b[:, 2] > b[:, 0]).all()  # still inside
+        bright = (o > 127).sum()
+        assert bright >= MIN_VISIBLE * 100 * 0.8  # the fracture's pixels are still visible
+
+
+def test_images_without_boxes_are_augmented_exactly_as_before():
+    gray = np.stack([_square_image((5, 5, 30, 50)), _square_image((20, 10, 40, 30))])
+    torch.manual_seed(7)
+    plain = augment_batch(gray, train_augmentation())
+    torch.manual_seed(7)
+    with_empty, _ = augment_with_boxes(gray, [np.zeros((0, 4))] * 2, train_augmentation())
+    assert np.array_equal(plain, with_empty)
+
+
+def test_peak_and_box_of_a_bright_spot_are_fractions_of_the_original_image():
+    """A non-square image with a bright spot; the map is its 10x10 stretch (what a model's
+    feature grid sees): peak and box come back as fractions of the original width/height."""
+    h, w = 300, 500
+    img = np.zeros((h, w), np.float32)
+    img[60:90, 350:400] = 1.0  # spot centre at x = 375/500 = 0.75, y = 75/300 = 0.25
+    from PIL import Image
+
+    cam = np.asarray(Image.fromarray(img, mode="F").resize((10, 10), Image.BOX))
+    loc = localise(cam[None])
+    assert loc.peak[0] == pytest.approx([0.75, 0.25], abs=0.06)
+    x0, y0, x1, y1 = loc.box[0]
+    assert x0 <= 0.75 <= x1 and y0 <= 0.25 <= y1
+    assert (x1 - x0) < 0.35 and (y1 - y0) < 0.35
+    assert loc.score[0] == pytest.approx(cam.max(), rel=0.05)
