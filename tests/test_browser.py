@@ -16,7 +16,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import EXAMPLES
+from helpers import EXAMPLES
+
+pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

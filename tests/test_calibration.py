@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_DATA
+from helpers import TEST_DATA
 from scipy.optimize import minimize_scalar
 
 import bonefrac.training.fit as fit_mod

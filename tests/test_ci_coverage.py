@@ -74,6 +74,7 @@ def test_wilson_matches_scipy():
     assert all(math.isnan(v) for v in wilson_ci(0, 0))
 
 
+@pytest.mark.slow  # 2,000-resample bootstraps, repeated: ~8 s
 def test_bootstrap_auc_covers_true_auc():
     """Binormal scores with true AUC 0.8, 40 + 40 cases; 300 simulations x 300 resamples."""
     auc_true, n_per_class, n_sims = 0.8, 40, 300

@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, TEST_DATA
+from helpers import SHARED_DATA, TEST_DATA
 from PIL import Image
 
 from bonefrac.data.dataset import (

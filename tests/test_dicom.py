@@ -18,7 +18,7 @@ from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")
 
-from conftest import ROOT, TINY_SIZE, real_images  # noqa: E402
+from helpers import ROOT, TINY_SIZE, real_images  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import (  # noqa: E402

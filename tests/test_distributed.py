@@ -14,10 +14,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DATA, TINY_SIZE
+from helpers import TEST_DATA, TINY_SIZE
 
 from bonefrac.training import TrainConfig, train
 from bonefrac.training.distributed import Dist, resolve_device, state_digest
+
+pytestmark = pytest.mark.distributed
 
 # --batch-size 5 over 2 ranks gives uneven shares (3 + 2) and, for the 16th fine-tuning sample,
 # an empty one; dropout 0 because each rank draws its own masks. These rates make fine-tuning

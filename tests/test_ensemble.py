@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import real_images
+from helpers import real_images
 
 from bonefrac.data.io import load_gray
 from bonefrac.evaluation.calibration import calibrated_prob
@@ -71,7 +71,7 @@ def test_ensemble_fit_writes_the_seed_artifacts(tiny_ensemble):
 
 
 def test_fit_weights_searches_validation(tiny_runs, tmp_path, monkeypatch):
-    from conftest import TEST_DATA
+    from helpers import TEST_DATA
 
     import bonefrac.training.fit as fit
     from bonefrac.data.dataset import load_index

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_DATA
+from helpers import TEST_DATA
 
 from bonefrac.cli.main import main
 from bonefrac.evaluation.evaluate import YOLO_CLASS_NAMES

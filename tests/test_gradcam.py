@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import real_images
+from helpers import real_images
 from scipy.stats import spearmanr
 
 from bonefrac.data.io import load_gray

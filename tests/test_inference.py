@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, SHIPPED_ENSEMBLE, TEST_DATA, real_images
+from helpers import EXAMPLES, SHIPPED_ENSEMBLE, TEST_DATA, real_images
 from PIL import Image
 
 from bonefrac.data.io import load_gray
@@ -37,6 +37,7 @@ def test_onnx_matches_torch_on_real_images(tiny_ensemble):
     assert _max_prob_diff(tiny_ensemble, real_images()) <= TOL
 
 
+@pytest.mark.slow  # both members in torch and ONNX on the example images: ~8 s
 @pytest.mark.skipif(not (SHIPPED_ENSEMBLE / "ensemble_meta.json").is_file(),
                     reason="shipped ensemble not built yet")
 def test_shipped_ensemble_onnx_matches_torch():

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, real_images
+from helpers import ROOT, SHIPPED_BASELINE, SHIPPED_ENSEMBLE, real_images
 
 from bonefrac.inference import Ensemble, ModelFileError
 
@@ -135,3 +135,44 @@ def test_no_code_in_src_unpickles():
     assert len(files) > 20
     found = [hit for f in files for hit in unsafe_loads(f.read_text(), str(f.relative_to(ROOT)))]
     assert found == [], "\n".join(found)
+
+
+# ---------------------------------------------------------------- one model-folder loader
+def test_model_folder_tells_the_two_layouts_apart(tmp_path):
+    from bonefrac.inference.model_folder import ENSEMBLE, RUN, ModelFolder, model_kind
+
+    run_dir = tmp_path / "run"  # a training run as `bonefrac train` leaves it: no export yet
+    run_dir.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        shutil.copy(SHIPPED_BASELINE / name, run_dir / name)
+    ens, run = ModelFolder.open(SHIPPED_ENSEMBLE), ModelFolder.open(run_dir)
+    assert (ens.kind, run.kind) == (ENSEMBLE, RUN) and run.is_run and not ens.is_run
+    assert [m["name"] for m in run.members] == ["mobilenetv2"]  # a one-member ensemble meta
+    assert model_kind(tmp_path / "empty") is None
+    with pytest.raises(ModelFileError, match="not a bonefrac model folder"):
+        ModelFolder.open(tmp_path / "empty")
+
+
+def test_model_folder_names_a_broken_meta_file(tmp_path):
+    from bonefrac.inference.model_folder import ModelFolder
+
+    (tmp_path / "ensemble_meta.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match=r"ensemble_meta\.json: unreadable"):
+        ModelFolder.open(tmp_path)
+    (tmp_path / "ensemble_meta.json").unlink()
+    (tmp_path / "model.json").write_text("{}")
+    with pytest.raises(ModelFileError, match=r"model\.json: not a bonefrac run file"):
+        ModelFolder.open(tmp_path)
+
+
+def test_member_file_checks_the_recorded_sha256(tmp_path):
+    from bonefrac.inference.model_folder import ModelFolder
+
+    model = copy_model(SHIPPED_ENSEMBLE, tmp_path / "m")
+    folder = ModelFolder.open(model)
+    spec = folder.members[0]
+    assert folder.member_file(spec, "onnx") == model / spec["onnx"]
+    flip_byte(model / spec["onnx"])
+    with pytest.raises(ModelFileError, match="sha256 mismatch"):
+        folder.member_file(spec, "onnx")
+    assert folder.member_file(spec, "onnx", verify=False).is_file()

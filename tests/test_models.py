@@ -27,6 +27,7 @@ def _top1(net, photo: np.ndarray, pp: Preprocessing) -> int:
         return int(net.eval()(torch.from_numpy(x.transpose(2, 0, 1)[None].copy())).argmax())
 
 
+@pytest.mark.slow  # full-size ImageNet forward passes, twice per backbone: ~7 s each
 @pytest.mark.parametrize("arch", ["mobilenetv2", "efficientnet_lite0"])
 def test_backbone_is_imagenet_pretrained(arch):
     build = {"mobilenetv2": imagenet_mobilenet_v2,
@@ -92,3 +93,10 @@ def test_efficientnet_b0_loads_a_user_weights_file(tmp_path):
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(f))
     m = create_model("efficientnet_b0", weights=str(f))
     assert torch.equal(m.features[0][0].weight, ref.features[0][0].weight)
+
+
+def test_cli_architecture_list_matches_the_registry():
+    """`bonefrac models` prints a torch-free copy of the registry; it must not drift."""
+    from bonefrac.cli.models import ARCHITECTURES
+
+    assert list_models() == ARCHITECTURES

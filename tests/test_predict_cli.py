@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, real_images
+from helpers import ROOT, real_images
 
 from bonefrac.cli.main import main
 

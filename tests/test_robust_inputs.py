@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TEST_DATA, real_images
+from helpers import ROOT, TEST_DATA, real_images
 from PIL import Image, ImageFile
 
 from bonefrac.data.io import MAX_PIXELS, MIN_SIDE, ImageReadError, load_gray

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, real_images
+from helpers import EXAMPLES, real_images
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import real_images
+from helpers import EXAMPLES, real_images
 
 from bonefrac.cli.main import main
 from bonefrac.inference.predict import collect_inputs, select_shard
+from bonefrac.inference.sharding import ShardError, shard_from_env
 
 
 def _run(*args) -> int:
@@ -120,3 +121,63 @@ def test_merge_refuses_inconsistent_shards(sharded, tmp_path, capsys, case, mess
     assert _run("merge-predictions", *shards, "--out", out) == 1
     assert message in capsys.readouterr().err
     assert not (out / "predictions.json").exists()
+
+
+# ------------------------------------------------------------------------- --shard auto
+SCHEDULER_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT",
+                  "SLURM_ARRAY_TASK_STEP", "JOB_COMPLETION_INDEX")
+
+
+@pytest.fixture
+def no_scheduler(monkeypatch):
+    for v in SCHEDULER_VARS:
+        monkeypatch.delenv(v, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env, count, expected", [
+    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "8"}, None, (1, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "8"},
+     None, (8, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_STEP": "2",
+      "SLURM_ARRAY_TASK_COUNT": "4"}, 4, (4, 4)),
+    ({"JOB_COMPLETION_INDEX": "2"}, 5, (3, 5)),
+])
+def test_auto_shard_from_the_scheduler(no_scheduler, env, count, expected):
+    for k, v in env.items():
+        no_scheduler.setenv(k, v)
+    shard = shard_from_env(count=count)
+    assert (shard.k, shard.n) == expected
+
+
+@pytest.mark.parametrize("env, count, message", [
+    ({}, None, "neither SLURM_ARRAY_TASK_ID"),
+    ({"JOB_COMPLETION_INDEX": "0"}, None, "needs --shard-count"),
+    ({"JOB_COMPLETION_INDEX": "5"}, 5, "need 1 <= K <= N"),
+    ({"SLURM_ARRAY_TASK_ID": "1"}, None, "SLURM_ARRAY_TASK_COUNT is not"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}, 3, "differs"),
+    ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"}, None, "not an integer"),
+])
+def test_auto_shard_refuses_what_it_cannot_use(no_scheduler, env, count, message):
+    for k, v in env.items():
+        no_scheduler.setenv(k, v)
+    with pytest.raises(ShardError, match=message):
+        shard_from_env(count=count)
+
+
+def test_predict_shard_auto_under_slurm_equals_the_explicit_shard(no_scheduler, tmp_path):
+    no_scheduler.setenv("SLURM_ARRAY_TASK_ID", "2")
+    no_scheduler.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    no_scheduler.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert _run("predict", EXAMPLES, "--out", tmp_path / "auto", "--shard", "auto",
+                "--quiet") in (0, 3)
+    assert _run("predict", EXAMPLES, "--out", tmp_path / "k", "--shard", "2/3", "--quiet") in (0, 3)
+    auto, explicit = _json(tmp_path / "auto"), _json(tmp_path / "k")
+    assert auto["shard"] == "2/3" and auto["predictions"] == explicit["predictions"]
+
+
+def test_predict_shard_auto_without_a_scheduler_is_one_line(no_scheduler, tmp_path, capsys):
+    assert _run("predict", EXAMPLES, "--out", tmp_path, "--shard", "auto") == 1
+    err = capsys.readouterr().err
+    assert "JOB_COMPLETION_INDEX" in err and "Traceback" not in err
+    assert not (tmp_path / "predictions.json").exists()

@@ -1,10 +1,34 @@
-"""Arguments and helpers shared by several commands."""
+"""Arguments, errors and helpers shared by several commands.
+
+``CLIError`` lives here, below every command module and ``main``, so commands import it at the
+top instead of reaching back up into ``main`` inside their functions.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit code 1, no traceback."""
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and prove it writable with a real file (``os.access`` lies for root), so
+    an unwritable output folder fails the run before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".bonefrac-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CLIError(f"output folder {out} is not writable: {e.strerror or e}") from None
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 DEFAULT_MODEL = PRETRAINED / "ensemble_bone-fracture_v1"

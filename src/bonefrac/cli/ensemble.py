@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bonefrac.cli.common import add_policy_arg, load_index_args
+from bonefrac.cli.extras import require_dicom_for, require_extra
 
 
 def add_arguments(p) -> None:
@@ -22,6 +23,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    require_extra("train", "ensemble fit")
+    require_dicom_for([args.data], "ensemble fit")
     from bonefrac.training.fit import fit_ensemble
 
     index = load_index_args(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bonefrac.cli.common import add_model_arg, load_index_args, resolve_model
+from bonefrac.cli.extras import require_dicom_for, require_extra
 
 
 def add_arguments(p) -> None:
@@ -19,6 +20,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    require_extra("eval", "evaluate")  # the plots and the report need them: fail in ms, not after
+    if args.backend == "torch":
+        require_extra("train", "evaluate --backend torch")
+    require_dicom_for([args.data], "evaluate")
     from bonefrac.evaluation.evaluate import evaluate_model
 
     all_test = args.split == "all"

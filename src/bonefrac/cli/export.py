@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bonefrac.cli.common import add_model_arg, resolve_model
+from bonefrac.cli.extras import require_extra
 
 
 def add_arguments(p) -> None:
@@ -11,6 +12,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    require_extra("train", "export")
     from bonefrac.export.onnx import export_model
 
     out = export_model(resolve_model(args.model), args.out)

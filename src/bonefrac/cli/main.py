@@ -1,5 +1,9 @@
 """``bonefrac`` entry point. Commands import their heavy dependencies (torch) lazily, so that
-``bonefrac predict`` starts fast and works on the light, torch-free install.
+``bonefrac predict`` starts fast and works on the light, torch-free install; a command that
+needs an extra checks for it first (:mod:`bonefrac.cli.extras`).
+
+Errors bonefrac raises on purpose print one line; anything else is a bug and keeps its
+traceback (:func:`is_expected`).
 
 Exit codes: 0 success; 1 error (bad model, unwritable output, missing dependency, ...);
 2 usage error; 3 prediction finished but some input files failed (listed in the outputs).
@@ -9,16 +13,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import linecache
 import sys
+from pathlib import Path
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CLIError
+from bonefrac.data.boxes import BoxFileError
+from bonefrac.data.io import ImageReadError
+from bonefrac.inference.model_folder import ModelFileError
 
 # command name -> module in bonefrac.cli with add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "predict": ("predict", "predict P(fracture) for images, DICOM files or folders (ONNX)"),
     "merge-predictions": ("merge", "join the outputs of `predict --shard K/N` runs"),
     "train": ("train", "train a member by two-stage transfer learning (needs [train])"),
-    "evaluate": ("evaluate", "evaluate a run or ensemble on a labelled folder"),
+    "evaluate": ("evaluate", "evaluate a run or ensemble on a labelled folder (needs [eval])"),
     "ensemble": ("ensemble", "fit an ensemble from trained runs (needs [train])"),
     "export": ("export", "export a run or ensemble to ONNX (needs [train])"),
     "models": ("models", "list the registered architectures"),
@@ -26,11 +36,13 @@ COMMANDS = {
     "serve": ("serve", "REST API and web page with heat maps (needs [serve])"),
 }
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+__all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "CLIError",
+           "build_parser", "is_expected", "main"]
 
-
-class CLIError(Exception):
-    """An expected failure: printed as one line, exit code 1, no traceback."""
+# Failures bonefrac reports on purpose (a bad input, model or output folder, a file system that
+# says no): one line each. OSError covers FileNotFoundError / FileExistsError / PermissionError.
+EXPECTED_ERRORS = (CLIError, ModelFileError, ImageReadError, BoxFileError, OSError)
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,16 +71,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CLIError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except Exception as e:
+        if not is_expected(e):
+            raise  # a bug: the traceback is what a bug report needs
         print(f"bonefrac {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as e:  # model-file errors and the like, without a traceback
-        from bonefrac.inference.ensemble import ModelFileError
 
-        if isinstance(e, ModelFileError | ImportError | OSError):
-            print(f"bonefrac {args.command}: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+
+def is_expected(e: BaseException) -> bool:
+    """Whether ``e`` is a failure bonefrac reports on purpose rather than a bug.
+
+    ValueError and KeyError are both: config validation, unknown architectures and bad policies
+    raise them deliberately, while numpy, a dict lookup or an unpacking raise them by accident.
+    So they count as deliberate only when a ``raise`` statement in bonefrac's own source raised
+    them. A missing third-party module (an optional extra) is a setup problem, not a bug.
+    """
+    if isinstance(e, EXPECTED_ERRORS):
+        return True
+    if isinstance(e, ModuleNotFoundError):
+        return bool(e.name) and e.name.partition(".")[0] != "bonefrac"
+    return isinstance(e, ValueError | KeyError) and raised_by_bonefrac(e)
+
+
+def raised_by_bonefrac(e: BaseException) -> bool:
+    """True when the innermost frame of ``e``'s traceback is a ``raise`` in the bonefrac package."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if not path.is_relative_to(PACKAGE_DIR):
+        return False
+    return linecache.getline(str(path), tb.tb_lineno).lstrip().startswith("raise")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from bonefrac.cli.common import add_model_arg, resolve_model
+from bonefrac.cli.common import EXIT_OK, CLIError, add_model_arg, resolve_model
+from bonefrac.cli.extras import require_extra
 
 
 def add_arguments(p) -> None:
@@ -40,17 +41,16 @@ def _is_loopback(host: str) -> bool:
 
 def run(args) -> int:
     from bonefrac import DISCLAIMER
-    from bonefrac.cli.main import EXIT_OK, CLIError
 
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be 1-65535, got {args.port}")
-    try:
-        import uvicorn
+    require_extra("serve", "serve")
+    if args.backend == "torch":
+        require_extra("train", "serve --backend torch")
+    import uvicorn
 
-        from bonefrac.serving import create_app
-    except ImportError as e:
-        raise CLIError(f"`bonefrac serve` needs the [serve] extra ({e.name} is missing): "
-                       "pip install 'bonefrac[serve]'") from None
+    from bonefrac.serving import create_app
+
     upload = int(args.max_upload_mb * 2**20)
     app = create_app(resolve_model(args.model), max_upload_bytes=upload,
                      max_batch_files=args.max_batch_files,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bonefrac.cli.common import add_policy_arg
+from bonefrac.cli.extras import require_dicom_for, require_extra
 
 
 def add_arguments(p) -> None:
@@ -73,6 +74,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    require_extra("train", "train")
+    require_dicom_for([args.data], "train")
     from bonefrac.training import TrainConfig, train
     from bonefrac.training.distributed import teardown
 

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from bonefrac.data.io import DICOM_SUFFIXES, ImageRefused, check_dimensions
+from bonefrac.data.limits import DICOM_SUFFIXES, ImageRefused, check_dimensions
 
 __all__ = ["DICOM_SUFFIXES", "dicom_to_pil", "display_array"]
 

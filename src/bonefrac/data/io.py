@@ -21,19 +21,28 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# A radiograph is at most a few tens of megapixels; anything bigger is refused, not decoded.
-# Pillow raises its own DecompressionBombError above 2x this at open(); between 1x and 2x it
-# only warns, and decode_pil refuses those from the header, so its warning would only be noise.
-MAX_PIXELS = 64_000_000
+# The limits live below both decoders (this module and bonefrac.data.dicom), so the two do not
+# import each other; they are re-exported here, where callers have always found them.
+from bonefrac.data.limits import (
+    DICOM_SUFFIXES,
+    MAX_PIXELS,
+    MIN_SIDE,
+    ImageRefused,
+    check_dimensions,
+)
+
+__all__ = ["DICOM_SUFFIXES", "DISPLAY_MAX_SIDE", "FORMATS", "IMAGE_SUFFIXES", "MAX_PIXELS",
+           "MIN_SIDE", "ImageReadError", "ImageRefused", "check_dimensions", "decode_pil",
+           "load_gray", "open_formats"]
+
+# Pillow raises its own DecompressionBombError above 2x MAX_PIXELS at open(); between 1x and 2x
+# it only warns, and decode_pil refuses those from the header, so its warning would only be noise.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-# Smaller than any radiograph worth classifying (icons, placeholders, 1x1 tracking pixels).
-MIN_SIDE = 16
 # Formats hospital and research exports come in. Pillow's other plugins (TGA, ICO, PSD, ...)
 # are never radiographs, widen the attack surface, and some (TGA) accept random bytes.
 FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "GIF", "WEBP", "JPEG2000", "PPM", "AVIF",
            "HEIF")
-DICOM_SUFFIXES = {".dcm", ".dicom"}
 # What a folder scan (training folders, prediction folders, uploads) takes for an image: the
 # suffixes of FORMATS and DICOM. Prediction also tries files without a suffix (DICOM exports).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
@@ -51,13 +60,6 @@ class ImageReadError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
-
-
-class ImageRefused(ValueError):
-    """A readable image that is refused on purpose (too large, too small, not an image, ...).
-
-    The message is the whole reason; :func:`load_gray` adds the file name.
-    """
 
 
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
@@ -79,17 +81,6 @@ def _to_8bit_gray(im: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         im = Image.alpha_composite(bg, rgba)
     return im.convert("L")
-
-
-def check_dimensions(width: int, height: int) -> None:
-    """Refuse, from the header alone, images too large to decode safely or too small to use."""
-    if width * height > MAX_PIXELS:
-        raise ImageRefused(f"image too large: {width}x{height} = {width * height:,} pixels, over "
-                           f"the {MAX_PIXELS:,}-pixel cap (possible decompression bomb); "
-                           "not decoded")
-    if min(width, height) < MIN_SIDE:
-        raise ImageRefused(f"image too small: {width}x{height} pixels (at least "
-                           f"{MIN_SIDE}x{MIN_SIDE} needed)")
 
 
 def decode_pil(im: Image.Image, size: int | None) -> np.ndarray:

@@ -16,18 +16,13 @@ from bonefrac.evaluation.calibration import (
 )
 from bonefrac.evaluation.metrics import brier_score, expected_calibration_error, log_loss, roc_auc
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY, choose_threshold
+from bonefrac.inference.calibration import fuse
 
 # The two named operating points shipped with every model, as in commercial fracture-AI products.
 OPERATING_POLICIES = {
     "triage": ("sensitivity:0.95", "high sensitivity: flag nearly every fracture for review"),
     "confirmation": ("specificity:0.90", "high specificity: few false alarms"),
 }
-
-
-def fuse_probs(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    from bonefrac.inference.ensemble import fuse
-
-    return fuse(probs, weights)
 
 
 def weight_grid(names: list[str], step: float = 0.05) -> list[dict[str, float]]:
@@ -65,7 +60,7 @@ def fit_on_validation(y_val: np.ndarray, logits_val: dict[str, np.ndarray], *,
             raise ValueError("fit_weights must be 'logloss' or 'auc'")
 
         def score(w):
-            p = fuse_probs(cal, w)
+            p = fuse(cal, w)
             return log_loss(y_val, p) if fit_weights == "logloss" else -roc_auc(y_val, p)
 
         weights = min(weight_grid(names), key=score)
@@ -75,7 +70,7 @@ def fit_on_validation(y_val: np.ndarray, logits_val: dict[str, np.ndarray], *,
     if len(names) > 1:  # the ensemble's own calibration, not each member's alone
         temps = fit_fused_temperatures(logits_val, y_val, weights) if calibrate else temps
         cal = {n: calibrated_prob(logits_val[n], temps[n]) for n in names}
-    fused_raw, fused = fuse_probs(raw, weights), fuse_probs(cal, weights)
+    fused_raw, fused = fuse(raw, weights), fuse(cal, weights)
     threshold, note = choose_threshold(y_val, fused, policy)
     ops = {}
     for name, (pol, desc) in OPERATING_POLICIES.items():

@@ -6,14 +6,14 @@ The CAM output is the closed-form Grad-CAM of the fracture logit (see ``Head.cam
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bonefrac.inference.ensemble import META_NAME, run_meta_as_ensemble
+from bonefrac.inference.ensemble import Ensemble
+from bonefrac.inference.model_folder import META_NAME, ModelFolder
 from bonefrac.models.net import FractureNet
 from bonefrac.utils import publish, sha256_file, write_json
 
@@ -51,14 +51,9 @@ def export_model(model_dir: str | Path, out: str | Path) -> Path:
     Safetensors weights, histories and the meta are carried along, so the exported folder is
     complete: it predicts without torch and can still be evaluated or re-exported with torch.
     """
-    from bonefrac.inference.ensemble import Ensemble
-
     src, out = Path(model_dir), Path(out)
+    meta = ModelFolder.open(src).meta  # a fresh copy: the exported meta is written from it
     out.mkdir(parents=True, exist_ok=True)
-    if (src / META_NAME).is_file():
-        meta = json.loads((src / META_NAME).read_text())
-    else:
-        meta = run_meta_as_ensemble(src)
     ens = Ensemble.load(src, backend="torch")
     for m, spec in zip(ens.members, meta["members"], strict=True):
         onnx_name = f"{m.name}.onnx"

@@ -6,6 +6,8 @@
     result = predict_files(ens, [Path("a.jpg"), Path("b.dcm")])  # rows + per-file errors
 """
 
-from bonefrac.inference.ensemble import Ensemble, ModelFileError, fuse
+from bonefrac.inference.calibration import calibrated_prob, fuse
+from bonefrac.inference.ensemble import Ensemble
+from bonefrac.inference.model_folder import ModelFileError, ModelFolder
 
-__all__ = ["Ensemble", "ModelFileError", "fuse"]
+__all__ = ["Ensemble", "ModelFileError", "ModelFolder", "calibrated_prob", "fuse"]

@@ -10,7 +10,7 @@ Fusion: P = sum_i w_i * sigmoid((z_i1 - z_i0) / T_i), with sum_i w_i = 1 (calibr
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,24 +20,22 @@ import numpy as np
 
 from bonefrac import FRACTURE_MAP, GRADCAM
 from bonefrac.data.preprocess import Preprocessing
-from bonefrac.evaluation.calibration import calibrated_prob
+from bonefrac.inference.calibration import calibrated_prob, fuse
 from bonefrac.inference.localise import Localisation, localise
-from bonefrac.utils import sha256_file
+from bonefrac.inference.model_folder import (
+    META_NAME,
+    ModelFileError,
+    ModelFolder,
+    run_meta_as_ensemble,
+)
 
-META_NAME = "ensemble_meta.json"
+# training/trainer.py imports the sha256 check under its old name from here.
+from bonefrac.inference.model_folder import check_file as _check_file  # noqa: F401
 
-
-class ModelFileError(Exception):
-    """A model folder or file that is missing, tampered with or malformed."""
-
-
-def fuse(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """Weighted mean of members' P(fractured): ``(N,)``. Weights must be >= 0 and sum to 1."""
-    w = np.array([weights[k] for k in member_probs], dtype=np.float64)
-    if (w < 0).any() or abs(w.sum() - 1.0) > 1e-6:
-        raise ValueError(f"fusion weights must be >= 0 and sum to 1, got {dict(weights)}")
-    return sum(wi * np.asarray(p, np.float64) for wi, p in zip(w, member_probs.values(),
-                                                               strict=True))
+# META_NAME, ModelFileError, fuse and run_meta_as_ensemble are re-exported: callers have always
+# imported them from this module.
+__all__ = ["META_NAME", "Ensemble", "Member", "ModelFileError", "Prediction", "fuse",
+           "run_meta_as_ensemble"]
 
 
 @dataclass
@@ -92,41 +90,10 @@ class Ensemble:
         Raises:
             ModelFileError: missing meta or member file, checksum mismatch, unreadable model.
         """
-        root = Path(path)
-        if (root / META_NAME).is_file():
-            meta = _read_json(root / META_NAME)
-        elif (root / "model.json").is_file():
-            meta = run_meta_as_ensemble(root)
-        else:
-            raise ModelFileError(f"{root}: no {META_NAME} or model.json - not a bonefrac model "
-                                 "folder")
-        members = []
-        for spec in meta["members"]:
-            use_onnx = backend == "onnx" or (backend == "auto" and spec.get("onnx"))
-            key = "onnx" if use_onnx else "weights"
-            if not spec.get(key):
-                raise ModelFileError(f"{root}: member {spec['name']} has no {key} file "
-                                     f"(export it with `bonefrac export`)")
-            f = root / spec[key]
-            _check_file(f, spec.get(f"{key}_sha256") if verify else None)
-            m = Member(spec["name"], spec["arch"], Preprocessing.from_dict(spec["preprocessing"]),
-                       float(spec.get("temperature", 1.0)), float(spec.get("fusion_weight", 1.0)),
-                       spec)
-            try:
-                if use_onnx:
-                    from bonefrac.inference.runners import OnnxRunner
-
-                    m.runner = OnnxRunner(f, threads)
-                else:
-                    from bonefrac.models.torch_runner import TorchRunner
-
-                    m.runner = TorchRunner.from_spec(root, spec)
-            except ModelFileError:
-                raise
-            except Exception as e:  # a corrupt file that still matched no checksum
-                raise ModelFileError(f"{f}: cannot load model ({type(e).__name__}: {e})") from None
-            members.append(m)
-        ens = cls(members, meta, root)
+        folder = ModelFolder.open(path)
+        members = [_load_member(folder, spec, backend, threads, verify)
+                   for spec in folder.members]
+        ens = cls(members, folder.meta, folder.root)
         fuse({m.name: np.zeros(1) for m in members}, ens.weights)  # validates the weights
         return ens
 
@@ -191,39 +158,30 @@ def _normalise_cam(cam: np.ndarray) -> np.ndarray:
     return np.where(hi > 0, cam / np.where(hi > 0, hi, 1), 0.0)
 
 
-def _read_json(path: Path) -> dict:
+def _load_member(folder: ModelFolder, spec: dict, backend: str, threads: int | None,
+                 verify: bool) -> Member:
+    """One member with its runner: ONNX where asked for (or, with ``auto``, where exported),
+    else torch, which a light install lacks: then the message says how to get ONNX."""
+    use_onnx = backend == "onnx" or (backend == "auto" and bool(spec.get("onnx")))
+    if not use_onnx and importlib.util.find_spec("torch") is None:
+        raise ModelFileError(
+            f"{folder.root}: member {spec['name']} has no ONNX export and torch is not "
+            f"installed. Export it once with `bonefrac export --model {folder.root} --out "
+            f"{folder.root}` (needs pip install -e '.[train]'), then predict without torch.")
+    f = folder.member_file(spec, "onnx" if use_onnx else "weights", verify)
+    m = Member(spec["name"], spec["arch"], Preprocessing.from_dict(spec["preprocessing"]),
+               float(spec.get("temperature", 1.0)), float(spec.get("fusion_weight", 1.0)), spec)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"{path}: unreadable ({e})") from None
+        if use_onnx:
+            from bonefrac.inference.runners import OnnxRunner
 
+            m.runner = OnnxRunner(f, threads)
+        else:  # the torch backend: imported only here, so inference stays torch-free
+            from bonefrac.models.torch_runner import TorchRunner
 
-def _check_file(path: Path, sha256: str | None) -> None:
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file missing")
-    if sha256:
-        actual = sha256_file(path)
-        if actual != sha256:
-            raise ModelFileError(
-                f"{path}: sha256 mismatch - expected {sha256[:16]}..., found {actual[:16]}... "
-                "The file was modified, truncated or replaced; refusing to load it.")
-
-
-def run_meta_as_ensemble(run: Path) -> dict:
-    """The ``model.json`` of a training run, seen as a one-member ensemble meta."""
-    mj = _read_json(run / "model.json")
-    return {
-        "format": "bonefrac-run/1", "model_id": f"{mj['arch']}:{run.name}",
-        "threshold": mj.get("threshold", 0.5),
-        "threshold_note": mj.get("threshold_note", "default 0.5 (no validation threshold)"),
-        "operating_points": mj.get("operating_points", {}),
-        **{k: mj[k] for k in ("threshold_policy", "threshold_how", "fitted_on", "validation")
-           if k in mj},
-        "members": [{"name": mj["arch"], "arch": mj["arch"], "weights": mj["weights_file"],
-                     "weights_sha256": mj.get("weights_sha256"), "config": mj,
-                     "preprocessing": mj["preprocessing"],
-                     "temperature": mj.get("temperature", 1.0), "fusion_weight": 1.0,
-                     "threshold": mj.get("threshold", 0.5),
-                     "history": "history.json" if (run / "history.json").is_file() else None}],
-    }
-
+            m.runner = TorchRunner.from_spec(folder.root, spec)
+    except ModelFileError:
+        raise
+    except Exception as e:  # a corrupt file that still matched no checksum
+        raise ModelFileError(f"{f}: cannot load model ({type(e).__name__}: {e})") from None
+    return m

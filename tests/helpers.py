@@ -1,0 +1,21 @@
+"""Paths and helpers shared by the tests. Import them from here (``from helpers import ...``):
+``conftest.py`` holds fixtures and hooks, which pytest finds by itself and which no test should
+import as a module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA = ROOT / "tests" / "data"
+EXAMPLES = ROOT / "examples" / "test_images"
+SHIPPED_ENSEMBLE = ROOT / "src" / "bonefrac" / "pretrained" / "ensemble_bone-fracture_v1"
+SHIPPED_BASELINE = ROOT / "src" / "bonefrac" / "pretrained" / "mobilenetv2_bone-fracture_v1"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "bone-fracture"
+TINY_SIZE = 96  # small inputs keep the real training runs in tests to seconds
+
+
+def real_images(n: int | None = None) -> list[Path]:
+    """The real radiographs in tests/data (the first ``n``, in a fixed order)."""
+    files = sorted(p for p in TEST_DATA.rglob("*.jpg"))
+    return files[:n] if n else files
