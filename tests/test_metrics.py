@@ -71,3 +71,27 @@ def test_threshold_policies_on_validation_data():
     for bad in ("sensitivity", "fixed:2", "magic"):
         with pytest.raises(ValueError):
             parse_policy(bad)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_counting_kernel_matches_brute_force(seed):
+    """binary_clf_curve and counts_at against counting ``p >= t`` per threshold, with ties."""
+    from bonefrac.evaluation.metrics import binary_clf_curve, counts_at
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 200))
+    y = rng.integers(0, 2, n)
+    p = rng.random(n).round(int(rng.integers(1, 3)))  # few decimals: many ties
+    fps, tps, thr = binary_clf_curve(y, p)
+    assert np.array_equal(thr, np.unique(p)[::-1])
+    assert np.array_equal(tps, [((p >= t) & (y == 1)).sum() for t in thr])
+    assert np.array_equal(fps, [((p >= t) & (y == 0)).sum() for t in thr])
+    ts = np.concatenate([np.linspace(-0.1, 1.1, 57), p[:10]])
+    tp, fp, n_pos, n_neg = counts_at(y, p, ts)
+    assert (n_pos, n_neg) == (int(y.sum()), int((y == 0).sum()))
+    for t, a, b in zip(ts, tp, fp, strict=True):
+        c = confusion_counts(y, p >= t)
+        assert (c["tp"], c["fp"]) == (a, b)
+    fpr, tpr, _ = skm.roc_curve(y, p, drop_intermediate=False)
+    if 0 < y.sum() < n:  # sklearn's curve is its _binary_clf_curve normalised
+        assert np.allclose(fpr[1:], fps / n_neg) and np.allclose(tpr[1:], tps / n_pos)

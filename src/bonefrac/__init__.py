@@ -5,9 +5,17 @@ RESEARCH USE ONLY. Not a medical device; never use its output for clinical decis
 Public API (kept small on purpose)::
 
     import bonefrac
+    model = bonefrac.load("ensemble")                    # ONNX Runtime, no torch
+    result = model.predict("scan.jpg")                   # bonefrac.Result (CSV column names)
+    bonefrac.evaluate(model, "DATA_DIR", split="test")   # metrics + Results/ (needs [eval])
+    bonefrac.inference.Ensemble.load("path/to/model")    # the lower-level ensemble
     bonefrac.models.create_model("mobilenetv2")          # torch, needs the [train] extra
-    bonefrac.inference.Ensemble.load("path/to/model")    # ONNX Runtime, no torch
+
+``import bonefrac`` imports nothing but this module: the names above are loaded on first use
+(module ``__getattr__``), so the import stays fast and torch-free.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
@@ -21,3 +29,32 @@ CLASSES: tuple[str, str] = ("non_fractured", "fractured")
 
 # What a member's heat-map output is: a box-supervised per-cell P(fracture), or Grad-CAM.
 FRACTURE_MAP, GRADCAM = "fracture_map", "gradcam"
+
+# Lazy attributes: name -> (module, attribute); subpackages load as themselves.
+_LAZY = {
+    "load": ("bonefrac.inference.api", "load"),
+    "Model": ("bonefrac.inference.api", "Model"),
+    "Result": ("bonefrac.inference.api", "Result"),
+    "evaluate": ("bonefrac.evaluation.api", "evaluate"),
+}
+_SUBPACKAGES = ("cli", "data", "evaluation", "export", "inference", "models", "serving",
+                "training", "utils")
+
+__all__ = ["CLASSES", "DISCLAIMER", "FRACTURE_MAP", "GRADCAM", "Model", "Result",
+           "__version__", "evaluate", "load"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"bonefrac.{name}")
+    else:
+        raise AttributeError(f"module 'bonefrac' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))

@@ -6,17 +6,42 @@ top instead of reaching back up into ``main`` inside their functions.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
 
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY
 
+# Model names are resolved on the torch-free inference side (bonefrac.load uses them too);
+# re-exported here for the commands and benchmarks that import them from this module.
+from bonefrac.inference.model_folder import (  # noqa: F401
+    BASELINE_MODEL,
+    DEFAULT_MODEL,
+    PRETRAINED,
+    SHORT_NAMES,
+    resolve_model,
+)
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 class CLIError(Exception):
     """An expected failure: printed as one line, exit code 1, no traceback."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's real default: appended as ``(default: X)`` where the
+    default is a value; left out where there is none to show (None, a suppressed default, a
+    required option, an on/off flag) or the help text already says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or action.required
+                or isinstance(action.default, bool) or "default:" in text.lower()
+                or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
 
 
 def check_writable(out: Path) -> None:
@@ -29,19 +54,6 @@ def check_writable(out: Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise CLIError(f"output folder {out} is not writable: {e.strerror or e}") from None
-
-PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
-DEFAULT_MODEL = PRETRAINED / "ensemble_bone-fracture_v1"
-BASELINE_MODEL = PRETRAINED / "mobilenetv2_bone-fracture_v1"
-SHORT_NAMES = {"ensemble": DEFAULT_MODEL, "baseline": BASELINE_MODEL}
-
-
-def resolve_model(value: str | None) -> Path:
-    """``--model`` value: a folder, or 'ensemble' / 'baseline' for the shipped models."""
-    if value is None:
-        return DEFAULT_MODEL
-    return SHORT_NAMES.get(value, Path(value))
-
 
 def add_model_arg(p, help_extra: str = "") -> None:
     p.add_argument("--model", default=None, metavar="DIR",

@@ -8,16 +8,20 @@ from bonefrac.cli.extras import require_dicom_for, require_extra
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    f = sub.add_parser("fit", help="fit calibration, fusion weights and threshold on the "
-                                   "VALIDATION split, export ONNX, evaluate on test")
+    f = sub.add_parser("fit", formatter_class=p.formatter_class,
+                       help="fit calibration, fusion weights and threshold on the "
+                            "VALIDATION split, export ONNX, evaluate on test")
     f.add_argument("--members", nargs="+", required=True, metavar="RUN",
                    help="trained run folders; the first is the baseline for comparison.md")
-    f.add_argument("--data", required=True)
+    f.add_argument("--data", required=True,
+                   help="the labelled folder the members were trained on (its validation "
+                        "split fits temperatures, weights and thresholds)")
     f.add_argument("--out", required=True, help="ensemble folder to write")
     f.add_argument("--fit-weights", nargs="?", const="logloss", default=None,
                    choices=["logloss", "auc"],
                    help="grid-search the fusion weights on validation (default: equal)")
-    f.add_argument("--model-id", default=None)
+    f.add_argument("--model-id", default=None,
+                   help="the ensemble's model_id; default: bonefrac-MEMBER+MEMBER")
     f.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     add_policy_arg(f)
 

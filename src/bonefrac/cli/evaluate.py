@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from bonefrac import CLASSES
 from bonefrac.cli.common import add_model_arg, load_index_args, resolve_model
 from bonefrac.cli.extras import require_dicom_for, require_extra
 
 
 def add_arguments(p) -> None:
     add_model_arg(p)
-    p.add_argument("--data", required=True, help="folder with fractured/ and non_fractured/")
+    p.add_argument("--data", required=True, help=f"folder with {CLASSES[1]}/ and {CLASSES[0]}/")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                    help="which split; 'all' = external validation: every image is test")
     p.add_argument("--out", default=None, help="Results folder (default: MODEL/Results)")
     p.add_argument("--refit-threshold", action="store_true",
                    help="re-tune the threshold on the evaluated data (stated in the note)")
     p.add_argument("--subgroup", default=None, metavar="COLUMN",
-                   help="also report metrics per value of this manifest/groups.csv column")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+                   help="also report metrics per value of this manifest/groups.csv column; "
+                        "default: none")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+                   help="onnx: ONNX Runtime; torch: PyTorch (needs [train]); auto: ONNX where "
+                        "the model has an export, else torch")
 
 
 def run(args) -> int:

@@ -8,7 +8,8 @@ from bonefrac.cli.extras import require_extra
 
 def add_arguments(p) -> None:
     add_model_arg(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="folder for the ONNX files (may be the model folder itself)")
 
 
 def run(args) -> int:

@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 
 from bonefrac import DISCLAIMER, __version__
-from bonefrac.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CLIError
+from bonefrac.cli.common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    CLIError,
+    HelpFormatter,
+)
 from bonefrac.data.boxes import BoxFileError
 from bonefrac.data.io import ImageReadError
 from bonefrac.inference.model_folder import ModelFileError
@@ -54,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
         sp.set_defaults(_module=module)
         _module(module).add_arguments(sp)
     return p

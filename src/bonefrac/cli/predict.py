@@ -26,7 +26,13 @@ from bonefrac.cli.common import (
 )
 from bonefrac.cli.extras import require_dicom_for, require_extra
 from bonefrac.inference.ensemble import Ensemble
-from bonefrac.inference.predict import iter_predictions, model_info, progress_bar
+from bonefrac.inference.predict import (
+    DEFAULT_POINT,
+    iter_predictions,
+    model_info,
+    operating_point_names,
+    progress_bar,
+)
 from bonefrac.inference.sharding import (
     Checkpoint,
     RunPlan,
@@ -88,7 +94,15 @@ def add_arguments(p) -> None:
                         "torch, which threads internally)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="ONNX Runtime threads per batch (parallelism comes from --workers)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    p.add_argument("--operating-point", default=DEFAULT_POINT,
+                   choices=[DEFAULT_POINT, "triage", "confirmation"],
+                   help="which threshold drives `decision` (and the `threshold` column): the "
+                        "model's default threshold, triage (sensitivity >= 0.95 on validation) "
+                        "or confirmation (specificity >= 0.90 on validation); every point's "
+                        "decision is also in its own decision_<name> column")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+                   help="onnx: ONNX Runtime, no torch; torch: PyTorch (needs [train]); auto: "
+                        "ONNX where the model has an export, else torch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -124,7 +138,11 @@ def run(args) -> int:
         require_extra("train", "predict --backend torch")
     shard = resolve_shard(args)
     ens = Ensemble.load(resolve_model(args.model), backend=args.backend, threads=args.threads)
-    info = model_info(ens)
+    point = args.operating_point
+    if point not in operating_point_names(ens):
+        raise CLIError(f"--operating-point {point}: the model {ens.model_id} has none of that "
+                       f"name (it has: {', '.join(operating_point_names(ens))})")
+    info = model_info(ens, point)
     plan = plan_files(args.inputs, [out], shard)
     require_dicom_for(plan.files, "predict")
     if not plan.files and not plan.missing:
@@ -154,7 +172,8 @@ def _predict_into(ckpt: Checkpoint, ens, todo: list[Path], args, out: Path
     try:
         with progress_bar(len(todo), not args.quiet) as bar:
             preds = iter_predictions(ens, todo, batch_size=args.batch_size, workers=workers,
-                                     explain=args.explain, heatmap_dir=out / "heatmaps")
+                                     explain=args.explain, heatmap_dir=out / "heatmaps",
+                                     point=args.operating_point)
             try:
                 for n_files, rows, errors in preds:
                     ckpt.add(n_files, rows, errors)

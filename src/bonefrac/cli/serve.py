@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; the default answers this machine only. The "
                         "service has no authentication: expose it only behind one")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     add_model_arg(p)
     p.add_argument("--workers", type=int, default=2,
                    help="predictions run at the same time (threads sharing one model)")
@@ -25,9 +25,12 @@ def add_arguments(p) -> None:
                    help="most files in one /v1/predict/batch request")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads per prediction (default: CPUs / workers)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+                   help="onnx: ONNX Runtime; torch: PyTorch (needs [train]); auto: ONNX where "
+                        "the model has an export, else torch")
     p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log verbosity")
 
 
 def _is_loopback(host: str) -> bool:

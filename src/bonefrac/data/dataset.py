@@ -53,7 +53,7 @@ class DatasetIndex:
             c = Counter(s.label for s in self.split(sp))
             n_groups = len({s.group for s in self.split(sp)})
             lines.append(f"  {sp:5s}: {sum(c.values()):5d} images in {n_groups:5d} groups  "
-                         f"fractured={c[1]}  non_fractured={c[0]}")
+                         f"{CLASSES[1]}={c[1]}  {CLASSES[0]}={c[0]}")
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} unreadable file(s):")
             lines += [f"    {f}: {r}" for f, r in self.skipped]

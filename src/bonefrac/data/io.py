@@ -108,6 +108,31 @@ def decode_pil(im: Image.Image, size: int | None) -> np.ndarray:
     return np.asarray(gray.resize(target, Image.BILINEAR), dtype=np.uint8)
 
 
+def gray_from_array(image: np.ndarray, size: int | None = 224) -> np.ndarray:
+    """An image already in memory -> ``(size, size)`` uint8, as :func:`load_gray` makes it from
+    a file holding the same pixels (same Pillow resize).
+
+    ``image``: ``(H, W)`` grayscale, uint8 (0..255) or float (0..1, scaled by 255 and rounded).
+
+    Raises:
+        ValueError: another shape or dtype, non-finite or out-of-range floats, an image too
+            small or too large.
+    """
+    a = np.asarray(image)
+    if a.ndim != 2:
+        raise ValueError(f"expected a (H, W) grayscale array, got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError("a float image must hold finite values in [0, 1]")
+        a = np.round(a.astype(np.float64) * 255.0).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 or float array, got {a.dtype}")
+    try:
+        return decode_pil(Image.fromarray(np.ascontiguousarray(a)), size)
+    except ImageRefused as e:
+        raise ValueError(str(e)) from None
+
+
 def load_gray(path: str | os.PathLike, size: int | None = 224) -> np.ndarray:
     """Read an image or DICOM file and return it as a ``(size, size)`` uint8 array.
 

@@ -25,10 +25,10 @@ def write_comparison(res: Path, ens: Ensemble, y: np.ndarray, probs: dict[str, n
     e = rows["ensemble"]["counts"]
     fewer_fn, fewer_fp = e["fn"] < b["fn"], e["fp"] < b["fp"]
     if fewer_fn and fewer_fp:
-        verdict = "HOLDS: the ensemble makes fewer false negatives AND fewer false positives"
+        verdict = "yes: the ensemble makes fewer false negatives AND fewer false positives"
     else:
         parts = [f"FN {b['fn']} -> {e['fn']}", f"FP {b['fp']} -> {e['fp']}"]
-        verdict = ("DOES NOT HOLD here: the ensemble does not reduce both error types "
+        verdict = ("no, not here: the ensemble does not reduce both error types "
                    f"({', '.join(parts)})")
     lines = [f"# Baseline vs members vs ensemble ({split} split, n={len(y)})", "",
              "Each model at its own threshold, chosen on the validation split by the policy "
@@ -44,6 +44,7 @@ def write_comparison(res: Path, ens: Ensemble, y: np.ndarray, probs: dict[str, n
     lines += ["", f"AUC difference, ensemble minus baseline: {diff:+.4f} "
               f"(paired stratified bootstrap 95% CI [{lo:+.4f}, {hi:+.4f}], 2000 resamples)"
               + (" - the CI includes 0: no significant difference." if lo <= 0 <= hi else "."),
-              "", f"Seed's claim 'the ensemble reduces both error types': {verdict}.", ""]
+              "", "Whether the ensemble reduces both error types (false negatives and false "
+              f"positives) against the baseline: {verdict}.", ""]
     write_text(res / "comparison.md", "\n".join(lines))
     return {"rows": rows, "auc_diff": {"value": diff, "ci95": [lo, hi]}, "claim": verdict}

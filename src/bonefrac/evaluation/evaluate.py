@@ -22,7 +22,7 @@ from bonefrac.evaluation.metrics import (
     log_loss,
 )
 from bonefrac.evaluation.report import write_split_results
-from bonefrac.evaluation.thresholds import choose_threshold
+from bonefrac.evaluation.thresholds import DEFAULT_POLICY, choose_threshold
 from bonefrac.inference.ensemble import Ensemble, fuse
 from bonefrac.utils import atomic_write, cache_dir, write_json
 
@@ -110,7 +110,7 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
     refit = None
     if refit_threshold:
         ens.threshold, how = choose_threshold(so.y, p, ens.meta.get("threshold_policy",
-                                                                    "sensitivity:0.95"))
+                                                                    DEFAULT_POLICY))
         refit = f"{split} split of {index.root}: {how}"
     title = f"{ens.model_id} ({split}, n={len(so.y)})"
     roc = {**probs, "ensemble (fused)": p} if is_ens else None

@@ -20,7 +20,7 @@ from bonefrac.inference.calibration import fuse
 
 # The two named operating points shipped with every model, as in commercial fracture-AI products.
 OPERATING_POLICIES = {
-    "triage": ("sensitivity:0.95", "high sensitivity: flag nearly every fracture for review"),
+    "triage": (DEFAULT_POLICY, "high sensitivity: flag nearly every fracture for review"),
     "confirmation": ("specificity:0.90", "high specificity: few false alarms"),
 }
 

@@ -31,33 +31,64 @@ def wilson_ci(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def binary_clf_curve(y_true: np.ndarray, y_prob: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one counting kernel behind ROC, AUC, threshold choice and the threshold plots.
+
+    As scikit-learn's ``_binary_clf_curve``: the distinct scores, descending, and for each the
+    number of negatives (``fps``) and positives (``tps``) scored at or above it, i.e. called
+    positive by the rule ``y_prob >= threshold``. Returns ``(fps, tps, thresholds)``, int64,
+    int64 and float64 arrays of equal length (empty for empty input).
+    """
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(y_prob, dtype=np.float64).ravel()
+    order = np.argsort(s, kind="mergesort")[::-1]
+    s, y = s[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.zeros(0, int)
+    tps = np.cumsum(y, dtype=np.int64)[last] if len(s) else np.zeros(0, np.int64)
+    fps = (last + 1).astype(np.int64) - tps
+    return fps, tps, s[last]
+
+
+def counts_at(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``(tp, fp, n_pos, n_neg)`` at each of ``thresholds`` (rule ``y_prob >= t``), read off
+    :func:`binary_clf_curve`: exactly the counts of ``confusion_counts(y, y_prob >= t)``."""
+    fps, tps, thr = binary_clf_curve(y_true, y_prob)
+    n_pos = int(tps[-1]) if len(tps) else 0
+    n_neg = int(fps[-1]) if len(fps) else 0
+    t = np.asarray(thresholds, dtype=np.float64)
+    # k = how many distinct scores are >= t (thr is descending, so search its reverse)
+    k = len(thr) - np.searchsorted(thr[::-1], t, side="left")
+    tp = np.where(k > 0, np.r_[0, tps][k], 0)
+    fp = np.where(k > 0, np.r_[0, fps][k], 0)
+    return tp, fp, n_pos, n_neg
+
+
 def roc_auc(y_true: np.ndarray, y_prob: np.ndarray) -> float:
-    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half)."""
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(y_prob, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    """Area under the ROC curve (ties count one half), from :func:`binary_clf_curve`.
+
+    The trapezoid sum is accumulated in integers (twice the Mann-Whitney U) and divided once,
+    so the value is exactly the Mann-Whitney U / (n_pos * n_neg), correctly rounded.
+    """
+    fps, tps, _ = binary_clf_curve(y_true, y_prob)
+    if len(tps) == 0:
+        return math.nan
+    n_pos, n_neg = int(tps[-1]), int(fps[-1])
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    tp = np.r_[0, tps]
+    two_u = int(np.sum(np.diff(np.r_[0, fps]) * (tp[1:] + tp[:-1])))
+    return float(two_u / (2 * n_pos * n_neg))
 
 
 def roc_curve(y_true: np.ndarray, y_prob: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), thresholds descending, starting at +inf (nothing called positive)."""
+    fps, tps, thr = binary_clf_curve(y_true, y_prob)
     y = np.asarray(y_true).astype(bool)
-    s = np.asarray(y_prob, dtype=np.float64)
-    thr = np.unique(s)[::-1]
-    tp = np.array([(s[y] >= t).sum() for t in thr], dtype=np.float64)
-    fp = np.array([(s[~y] >= t).sum() for t in thr], dtype=np.float64)
-    tpr = np.concatenate([[0.0], tp / max(1, y.sum())])
-    fpr = np.concatenate([[0.0], fp / max(1, (~y).sum())])
+    tpr = np.concatenate([[0.0], tps / max(1, y.sum())])
+    fpr = np.concatenate([[0.0], fps / max(1, (~y).sum())])
     return fpr, tpr, np.concatenate([[np.inf], thr])
 
 

@@ -436,9 +436,15 @@ SECTIONS = ("Model details", "Intended use", "Out-of-scope use", "Training data"
 
 def render_model_card(inp: ReportInputs) -> str:
     """The model card as Markdown, in Mitchell et al.'s sections (plus calibration)."""
-    meta, m = inp.meta, inp.metrics
-    fo = meta.get("fitted_on", {})
-    d = inp.data
+    lines = [*_card_details(inp), "", *md_table(member_table(inp)), "", *_CARD_USE,
+             *_card_training_data(inp), *_card_evaluation(inp), *_card_analysis(inp),
+             *_card_closing(inp)]
+    return "\n".join(lines)
+
+
+def _card_details(inp: ReportInputs) -> list[str]:
+    """Title, disclaimer, provenance and the Model details section (members listed)."""
+    meta = inp.meta
     now = datetime.now(UTC).date().isoformat()
     version = meta.get("version")
     lines = [f"# Model card: {meta.get('model_id', inp.model_dir.name)}", "",
@@ -467,8 +473,11 @@ def render_model_card(inp: ReportInputs) -> str:
                      f"{training_epochs(inp, s)}; input {s.get('preprocessing', {}).get('size')}"
                      f" px grayscale replicated to 3 channels; weights sha256 "
                      f"{str(s.get('weights_sha256') or 'not recorded')[:16]}...")
-    lines += ["", *md_table(member_table(inp)), "",
-              "## Intended use", "",
+    return lines
+
+
+_CARD_USE = [  # Intended use and Out-of-scope use, and the next section's heading
+    "## Intended use", "",
               "- Research and education on fracture classification of musculoskeletal "
               "radiographs: benchmarking, method development, studying calibration and "
               "explanations.",
@@ -480,7 +489,14 @@ def render_model_card(inp: ReportInputs) -> str:
               "- Use without a qualified radiologist reading every image; use on body parts, "
               "modalities (CT, MRI) or populations (e.g. children) absent from training.",
               "- Reading the Grad-CAM map as a fracture localisation.", "",
-              "## Training data", ""]
+              "## Training data", "",
+]
+
+
+def _card_training_data(inp: ReportInputs) -> list[str]:
+    """The Training data section: source, licence, counts, how fitting used the splits."""
+    d, fo = inp.data, inp.meta.get("fitted_on", {})
+    lines = []
     if d and d.known:
         lines.append(f"- Source: {d.known['name']}: {d.known['summary']}")
         lines.append(f"- Label rule: {d.known['label_rule']}")
@@ -507,6 +523,14 @@ def render_model_card(inp: ReportInputs) -> str:
               f"`{str(fo.get('data_fingerprint', 'n/a'))[:16]}...`.",
               "- Temperatures, fusion weights, the threshold and both operating points were "
               f"fitted on the validation split only ({fo.get('val_n', 'n/a')} images).", "",
+              ]
+    return lines
+
+
+def _card_evaluation(inp: ReportInputs) -> list[str]:
+    """The Evaluation data and Metrics sections."""
+    m, fo = inp.metrics, inp.meta.get("fitted_on", {})
+    lines = [
               "## Evaluation data", "",
               f"- `{m.get('data')}`, split `{m.get('split')}` ({m.get('split_source')}): "
               f"{m['metrics'].get('n')} images, {m['metrics'].get('n_positive')} fractured, "
@@ -538,6 +562,12 @@ def render_model_card(inp: ReportInputs) -> str:
                      "pointing game, box hit rate (IoU >= 0.3) and the share of heat-map mass "
                      "inside the boxes, each with a bootstrap 95% CI beside a centre and a "
                      "random baseline (Quantitative analysis, Localisation).")
+    return lines
+
+
+def _card_analysis(inp: ReportInputs) -> list[str]:
+    """Quantitative analysis: the metric table, the comparison and localisation."""
+    lines = []
     lines += ["", "## Quantitative analysis", "", *md_table(metric_table(inp)), ""]
     if inp.comparison_md:
         body = inp.comparison_md.strip().splitlines()
@@ -551,6 +581,13 @@ def render_model_card(inp: ReportInputs) -> str:
             lines += [f"Worst misses (figures in `{inp.results_dir.name}/"
                       "localisation_misses/`): " + "; ".join(c for _, c in
                                                             inp.localisation_misses) + ".", ""]
+    return lines
+
+
+def _card_closing(inp: ReportInputs) -> list[str]:
+    """Calibration, subgroups, limitations, ethics and references."""
+    d = inp.data
+    lines = []
     lines += ["## Calibration", "",
               "Temperature scaling (one T per member, fitted on validation by minimising NLL), "
               "before -> after:", "", *md_table(calibration_table(inp)), "",
@@ -576,7 +613,7 @@ def render_model_card(inp: ReportInputs) -> str:
               "", "## References", ""]
     refs = (d.known["references"] if d and d.known else []) + CARD_REFERENCES
     lines += [f"- {r}" for r in refs] + ["", f"> **{DISCLAIMER}**", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _code_licence() -> str:

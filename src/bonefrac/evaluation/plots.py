@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac.evaluation.metrics import roc_auc, roc_curve
+from bonefrac import CLASSES
+from bonefrac.evaluation.metrics import counts_at, roc_auc, roc_curve
 
 
 def _fig():
@@ -55,7 +56,7 @@ def plot_confusion(counts: Mapping[str, int], path: Path, title: str) -> None:
     m = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
     ax.imshow(m, cmap="Blues")
-    labels = ["non_fractured", "fractured"]
+    labels = list(CLASSES)
     ax.set_xticks([0, 1], labels)
     ax.set_yticks([0, 1], labels)
     ax.set_xlabel("predicted")
@@ -115,14 +116,14 @@ def plot_reliability(y_true: np.ndarray, probs: Mapping[str, np.ndarray], path: 
 def plot_threshold_robustness(y_true: np.ndarray, y_prob: np.ndarray, path: Path, title: str,
                               marks: Mapping[str, float]) -> None:
     """Sensitivity, specificity, PPV and NPV against the threshold, operating points marked."""
-    from bonefrac.evaluation.metrics import confusion_counts
-
     plt = _fig()
     ts = np.linspace(0, 1, 201)
-    rows = [confusion_counts(y_true, np.asarray(y_prob) >= t) for t in ts]
+    tp, fp, n_pos, n_neg = counts_at(y_true, y_prob, ts)
+    counts = {"tp": tp, "fp": fp, "fn": n_pos - tp, "tn": n_neg - fp}
 
     def ratio(a, b):
-        return np.array([r[a] / (r[a] + r[b]) if r[a] + r[b] else np.nan for r in rows])
+        num, den = counts[a], counts[a] + counts[b]
+        return np.array([x / d if d else np.nan for x, d in zip(num, den, strict=True)])
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot(ts, ratio("tp", "fn"), label="sensitivity")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac import DISCLAIMER
+from bonefrac import CLASSES, DISCLAIMER
 from bonefrac.evaluation import plots
 from bonefrac.evaluation.metrics import binary_metrics
 
@@ -38,7 +38,7 @@ def classification_report_text(y_true: np.ndarray, y_pred: np.ndarray) -> str:
     from sklearn.metrics import classification_report
 
     return classification_report(y_true, y_pred, labels=[0, 1],
-                                 target_names=["non_fractured", "fractured"], digits=4,
+                                 target_names=list(CLASSES), digits=4,
                                  zero_division=0)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bonefrac.evaluation.metrics import confusion_counts
+from bonefrac.evaluation.metrics import counts_at
 
 DEFAULT_POLICY = "sensitivity:0.95"
 
@@ -46,12 +46,10 @@ def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, policy: str = DEFAU
     p = np.asarray(y_prob, dtype=np.float64)
     if name == "fixed":
         return float(v), f"fixed threshold {v}"
-    rows = []
-    for t in _candidates(p):
-        c = confusion_counts(y, p >= t)
-        sens = c["tp"] / max(1, c["tp"] + c["fn"])
-        spec = c["tn"] / max(1, c["tn"] + c["fp"])
-        rows.append((t, sens, spec))
+    ts = _candidates(p)
+    tp, fp, n_pos, n_neg = counts_at(y, p, ts)
+    rows = [(t, int(a) / max(1, n_pos), (n_neg - int(b)) / max(1, n_neg))
+            for t, a, b in zip(ts, tp, fp, strict=True)]
     if name == "youden":
         t, se, sp = max(rows, key=lambda r: (r[1] + r[2], r[0]))
         return float(t), f"Youden's J maximised (sens {se:.3f} + spec {sp:.3f} - 1)"

@@ -24,6 +24,24 @@ META_NAME = "ensemble_meta.json"
 RUN_META = "model.json"
 ENSEMBLE, RUN = "ensemble", "run"
 
+# The models shipped inside the package, and the short names the CLI's --model and
+# bonefrac.load() accept for them.
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
+DEFAULT_MODEL = PRETRAINED / "ensemble_bone-fracture_v1"
+BASELINE_MODEL = PRETRAINED / "mobilenetv2_bone-fracture_v1"
+SHORT_NAMES = {"ensemble": DEFAULT_MODEL, "baseline": BASELINE_MODEL}
+
+
+def resolve_model(value: str | os.PathLike | None) -> Path:
+    """A model given by name or path -> its folder: None -> the shipped ensemble; the short
+    names ``"ensemble"`` / ``"baseline"`` -> the shipped models (a short name wins over a
+    folder of that name in the working directory); anything else -> ``Path(value)``."""
+    if value is None:
+        return DEFAULT_MODEL
+    if isinstance(value, str) and value in SHORT_NAMES:
+        return SHORT_NAMES[value]
+    return Path(value)
+
 
 class ModelFileError(Exception):
     """A model folder or file that is missing, tampered with or malformed."""
@@ -99,9 +117,10 @@ class ModelFolder:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ModelFolder:
-        """Read the folder's meta. Raises :class:`ModelFileError` if it is not a model folder
-        or its meta file is unreadable."""
-        root = Path(path)
+        """Read the folder's meta (``path``: a folder, or a short name of
+        :func:`resolve_model`). Raises :class:`ModelFileError` if it is not a model folder or
+        its meta file is unreadable."""
+        root = resolve_model(path)
         kind = model_kind(root)
         if kind == ENSEMBLE:
             return cls(root, kind, read_json(root / META_NAME))

@@ -23,7 +23,7 @@ import io
 import json
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ import numpy as np
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageReadError, load_gray, open_formats
-from bonefrac.inference.ensemble import Ensemble
+from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.localise import Localisation
 from bonefrac.inference.runners import default_threads
 from bonefrac.utils import display_path, write_json, write_text
@@ -45,6 +45,8 @@ DEFAULT_BATCH = 8
 SMALL_SIDE = 64
 BLANK_STD = 4.0
 FORMAT = "bonefrac-predictions/1"
+# The operating point named "default": the model's own decision threshold.
+DEFAULT_POINT = "default"
 
 
 @dataclass
@@ -125,13 +127,23 @@ def image_warning(path: Path, gray: np.ndarray) -> str:
 
         with Image.open(path, formats=open_formats()) as im:  # the formats load_gray accepts
             w, h = im.size
-        if min(w, h) < SMALL_SIDE:
-            notes.append(f"image only {w}x{h} px, upscaled to {gray.shape[1]} px")
+        notes.append(size_warning(w, h, gray))
     except Exception:  # a size we cannot read is simply not checked
         pass
-    if float(gray.std()) < BLANK_STD:
-        notes.append("nearly uniform image (blank?)")
-    return "; ".join(notes)
+    notes.append(blank_warning(gray))
+    return "; ".join(filter(None, notes))
+
+
+def size_warning(w: int, h: int, gray: np.ndarray) -> str:
+    """'' unless the original image (``w`` x ``h`` px) is smaller than ``SMALL_SIDE``."""
+    if min(w, h) < SMALL_SIDE:
+        return f"image only {w}x{h} px, upscaled to {gray.shape[1]} px"
+    return ""
+
+
+def blank_warning(gray: np.ndarray) -> str:
+    """'' unless the decoded model input is nearly uniform."""
+    return "nearly uniform image (blank?)" if float(gray.std()) < BLANK_STD else ""
 
 
 def _decode(path: Path, sizes: Sequence[int]) -> tuple[dict[int, np.ndarray] | None, str]:
@@ -145,10 +157,12 @@ def _decode(path: Path, sizes: Sequence[int]) -> tuple[dict[int, np.ndarray] | N
 
 
 def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False,
-                  heatmap_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
+                  heatmap_dir: Path | None = None, point: str | None = None
+                  ) -> tuple[list[dict], list[dict]]:
     """Decode (once per input size), run every member once and fuse: (rows, errors).
 
-    Thread-safe; rows and errors keep the order of ``paths``.
+    ``point``: the operating point whose threshold drives ``decision`` (see
+    :func:`decision_threshold`). Thread-safe; rows and errors keep the order of ``paths``.
     """
     sizes = sorted(ens.sizes)
     ok, decoded, errors = [], [], []
@@ -161,24 +175,46 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
             decoded.append(arr)
     if not ok:
         return [], errors
-    gray = {s: np.stack([a[s] for a in decoded]) for s in sizes}
-    try:  # the heat map is always computed: its peak and box are columns of every row
-        pred = ens.predict_gray(gray, explain=True)
+    # warnings use the largest input a member saw
+    warnings = [image_warning(f, d[sizes[-1]]) for f, d in zip(ok, decoded, strict=True)]
+    try:
+        rows, pred = predict_decoded(ens, ok, decoded, warnings, point=point)
     except Exception as e:  # report the batch's files, keep the run going
         return [], errors + [{"file": display_path(f), "reason": f"inference failed ({e})"}
                              for f in ok]
-    rows = []
-    for i, f in enumerate(ok):
-        big = gray[sizes[-1]][i]  # warnings use the largest input a member saw
-        row = make_row(ens, f, pred.prob[i], {k: v[i] for k, v in pred.member_probs.items()},
-                       warning=image_warning(f, big), loc=loc_fields(pred.loc, i))
-        if explain and heatmap_dir is not None:
-            _write_overlay(row, f, pred.cam[i], heatmap_dir, ens)
-        rows.append(row)
+    if explain and heatmap_dir is not None:
+        threshold = decision_threshold(ens, point)
+        for i, (f, row) in enumerate(zip(ok, rows, strict=True)):
+            _write_overlay(row, f, pred.cam[i], heatmap_dir, threshold)
     return rows, errors
 
 
-def _write_overlay(row: dict, f: Path, cam: np.ndarray, heatmap_dir: Path, ens: Ensemble
+def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
+                    decoded: Sequence[Mapping[int, np.ndarray]],
+                    warnings: Sequence[str] | None = None, *, point: str | None = None
+                    ) -> tuple[list[dict], Prediction]:
+    """Predict images already decoded: ``decoded[i]`` is ``{size: (size, size) uint8}`` for
+    every input size of the ensemble (``ens.sizes``), ``names[i]`` the ``file`` of its row.
+
+    Runs every member once on the stacked batch, always with the heat map (its peak and box
+    are columns of every row), and returns ``(rows, prediction)``: one :func:`make_row` row per
+    image, in order, and the raw :class:`Prediction` (``cam`` for overlays). Used by the CLI
+    (through :func:`predict_batch`), the REST server and the Python API. Raises what
+    ``Ensemble.predict_gray`` raises.
+    """
+    if not decoded:
+        raise ValueError("no images to predict")
+    warnings = list(warnings) if warnings is not None else [""] * len(decoded)
+    gray = {s: np.stack([d[s] for d in decoded]) for s in sorted(ens.sizes)}
+    pred = ens.predict_gray(gray, explain=True)
+    rows = [make_row(ens, Path(name), pred.prob[i],
+                     {k: v[i] for k, v in pred.member_probs.items()},
+                     warning=warnings[i], loc=loc_fields(pred.loc, i), point=point)
+            for i, name in enumerate(names)]
+    return rows, pred
+
+
+def _write_overlay(row: dict, f: Path, cam: np.ndarray, heatmap_dir: Path, threshold: float
                    ) -> None:
     """The overlay PNG at the original image's size; its path (or why not) goes into ``row``."""
     from bonefrac.inference.heatmap import save_overlay
@@ -186,7 +222,7 @@ def _write_overlay(row: dict, f: Path, cam: np.ndarray, heatmap_dir: Path, ens: 
     try:
         full = load_gray(f, None)
         row["heatmap"] = str(save_overlay(
-            full, cam, heatmap_dir, f, prob=row["prob_fractured"], threshold=ens.threshold,
+            full, cam, heatmap_dir, f, prob=row["prob_fractured"], threshold=threshold,
             decision=row["decision"], box=[row[k] for k in BOX_COLUMNS[:4]],
             peak=[row["peak_x"], row["peak_y"]]))
     except (OSError, ImageReadError) as e:  # e.g. disk full: the prediction itself is good
@@ -196,7 +232,7 @@ def _write_overlay(row: dict, f: Path, cam: np.ndarray, heatmap_dir: Path, ens: 
 
 def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEFAULT_BATCH,
                      workers: int | None = None, explain: bool = False,
-                     heatmap_dir: Path | None = None
+                     heatmap_dir: Path | None = None, point: str | None = None
                      ) -> Iterator[tuple[int, list[dict], list[dict]]]:
     """Yield ``(n_files, rows, errors)`` per batch, in file order, as batches complete.
 
@@ -215,7 +251,7 @@ def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = 
         b = next(batches, None)
         if b is not None:
             pending.append((len(b), ex.submit(predict_batch, ens, b, explain=explain,
-                                              heatmap_dir=heatmap_dir)))
+                                              heatmap_dir=heatmap_dir, point=point)))
 
     try:
         for _ in range(2 * workers):
@@ -232,7 +268,7 @@ def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = 
 def predict_files(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEFAULT_BATCH,
                   explain: bool = False, heatmap_dir: Path | None = None,
                   progress: bool = True, workers: int | None = None,
-                  on_batch=None) -> PredictResult:
+                  on_batch=None, point: str | None = None) -> PredictResult:
     """Predict every file; unreadable files become error rows, never exceptions.
 
     ``on_batch(result)`` is called after each batch with the results so far (for checkpoints).
@@ -241,7 +277,7 @@ def predict_files(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEF
     with progress_bar(len(files), progress) as bar:
         for n, rows, errors in iter_predictions(ens, files, batch_size=batch_size,
                                                 workers=workers, explain=explain,
-                                                heatmap_dir=heatmap_dir):
+                                                heatmap_dir=heatmap_dir, point=point):
             res.rows += rows
             res.errors += errors
             if on_batch:
@@ -283,17 +319,51 @@ def loc_fields(loc: Localisation, i: int) -> dict[str, float]:
                                                    strict=True)}
 
 
+def operating_point_names(ens: Ensemble) -> tuple[str, ...]:
+    """The values ``point`` may take: ``"default"`` and the model's named operating points."""
+    return (DEFAULT_POINT, *ens.operating_points)
+
+
+def decision_threshold(ens: Ensemble, point: str | None = None) -> float:
+    """The threshold that drives ``decision``: the model's default threshold (``point`` None
+    or ``"default"``) or that of the named operating point (``"triage"``, ``"confirmation"``).
+
+    Raises:
+        ValueError: the model has no operating point of that name.
+    """
+    if point is None or point == DEFAULT_POINT:
+        return float(ens.threshold)
+    if point not in ens.operating_points:
+        raise ValueError(f"unknown operating point {point!r}; this model has: "
+                         f"{', '.join(operating_point_names(ens))}")
+    return float(ens.operating_points[point]["threshold"])
+
+
 def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, float],
-             warning: str = "", loc: dict[str, float] | None = None) -> dict:
-    """One output row: fused and member P(fractured), decisions, confidence, the heat map's
-    peak and box (``loc``, from :func:`loc_fields`), model, warning."""
-    decision = bool(prob >= ens.threshold)
+             warning: str = "", loc: dict[str, float] | None = None,
+             point: str | None = None) -> dict:
+    """One output row (the columns of ``predictions.csv``, in order):
+
+    - ``file``; ``prob_fractured``: the fused, calibrated P(fractured); ``prob_<member>``: each
+      member's calibrated P(fractured);
+    - ``decision``: ``fractured`` or ``non_fractured`` at ``threshold``, the threshold of the
+      chosen operating point (``point``; the model's default threshold when None);
+    - ``confidence``: ``max(p, 1 - p)`` of the fused probability ``p``: how far the model is
+      from undecided (0.5), whatever the threshold; it is not the probability that
+      ``decision`` is right (at the triage threshold an image decided fractured may have
+      ``p`` = 0.2 and confidence 0.8 - for ``non_fractured``);
+    - ``decision_<name>``: the decision at each named operating point;
+    - ``peak_x``, ``peak_y``, ``box_x0`` .. ``box_y1``, ``box_score``: where the heat map peaks
+      (``loc``, from :func:`loc_fields`); ``model_id``, ``version``, ``warning``.
+    """
+    threshold = decision_threshold(ens, point)
+    decision = bool(prob >= threshold)
     row = {"file": display_path(path), "prob_fractured": round(float(prob), 6)}
     row.update({f"prob_{k}": round(float(v), 6) for k, v in member_probs.items()})
     row.update({
         "decision": CLASSES[int(decision)],
-        "confidence": round(float(prob if decision else 1 - prob), 6),
-        "threshold": round(ens.threshold, 6)})
+        "confidence": round(float(max(prob, 1 - prob)), 6),
+        "threshold": round(threshold, 6)})
     for name, op in ens.operating_points.items():
         row[f"decision_{name}"] = CLASSES[int(prob >= op["threshold"])]
     row.update(loc or {})
@@ -311,12 +381,14 @@ def model_fingerprint(ens: Ensemble) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def model_info(ens: Ensemble) -> dict:
-    """The header of ``predictions.json``: which model made the predictions."""
+def model_info(ens: Ensemble, point: str | None = None) -> dict:
+    """The header of ``predictions.json``: which model made the predictions, and which
+    operating point drove ``decision`` (``operating_point``, ``decision_threshold``)."""
     return {"model_id": ens.model_id, "model_fingerprint": model_fingerprint(ens),
             "version": __version__, "threshold": ens.threshold,
             "operating_points": {k: v["threshold"] for k, v in ens.operating_points.items()},
-            "fusion_weights": ens.weights}
+            "fusion_weights": ens.weights, "operating_point": point or DEFAULT_POINT,
+            "decision_threshold": decision_threshold(ens, point)}
 
 
 def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, complete: bool = True,

@@ -37,7 +37,7 @@ from bonefrac.utils import display_path
 
 # What must agree between shards for their rows to be one run's.
 MODEL_KEYS = ("model_id", "model_fingerprint", "version", "threshold", "operating_points",
-              "fusion_weights")
+              "fusion_weights", "operating_point", "decision_threshold")
 MAX_SHOWN = 10
 
 
@@ -159,6 +159,11 @@ def resume_rows(out: Path, info: Mapping, files: Sequence[Path]) -> list[dict]:
                          f"{prev.get('model_id')!r} ({str(prev.get('model_fingerprint'))[:12]}),"
                          f" not {info['model_id']!r} ({info['model_fingerprint'][:12]}); "
                          "use another --out")
+    before, now = (x.get("operating_point") or "default" for x in (prev, info))
+    if before != now:
+        raise ShardError(f"cannot resume: {out}/predictions.json was made with "
+                         f"--operating-point {before}, not {now}; use the same one or another "
+                         "--out")
     wanted = {display_path(f) for f in files}
     return [r for r in prev["predictions"] if r.get("file") in wanted]
 

@@ -35,7 +35,13 @@ from bonefrac import DISCLAIMER, __version__
 from bonefrac.data.io import load_gray
 from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.heatmap import heat_layer, render_overlay
-from bonefrac.inference.predict import BOX_COLUMNS, loc_fields, make_row, model_info
+from bonefrac.inference.predict import (
+    BOX_COLUMNS,
+    decision_threshold,
+    model_info,
+    operating_point_names,
+    predict_decoded,
+)
 from bonefrac.inference.runners import default_threads
 from bonefrac.serving.docs import api_reference_html
 from bonefrac.serving.limits import DEADLINE_KEY, LimitsMiddleware
@@ -66,6 +72,12 @@ _EXPLAIN = ("also return the heat map: the overlay figure (the image at its own 
 LAYER_MAX_SIDE = 256  # the transparent map layer: the browser upsamples it smoothly
 ExplainQ = Annotated[bool, Query(description=_EXPLAIN)]
 ExplainF = Annotated[bool, Form(alias="explain", description=_EXPLAIN + " (form field)")]
+_POINT = ("which operating point's threshold drives `decision` (and is reported as "
+          "`threshold`): default (the model's own threshold), triage (high sensitivity) or "
+          "confirmation (high specificity); see `operating_points` in GET /v1/model")
+PointQ = Annotated[str | None, Query(description=_POINT)]
+PointF = Annotated[str | None, Form(alias="operating_point",
+                                    description=_POINT + " (form field)")]
 
 
 def model_summary(ens: Ensemble) -> dict:
@@ -104,64 +116,200 @@ def display_gray(name: str, f: BinaryIO, max_bytes: int) -> np.ndarray:
         return load_gray(tmp.name, None)
 
 
-def explain_fields(ens: Ensemble, pred: Prediction, j: int, row: dict, display: np.ndarray
-                   ) -> dict:
+def explain_fields(ens: Ensemble, pred: Prediction, j: int, row: dict, display: np.ndarray,
+                   threshold: float | None = None) -> dict:
     """The explain-only fields: the overlay figure at the upload's own size (the box and peak
     drawn from the row's columns, as the CLI's overlays), the map alone as a transparent layer
     (same aspect, at most ``LAYER_MAX_SIDE`` px; its alpha is the figure's fade below the
-    threshold) and the grayscale image, as base64 PNGs."""
+    threshold) and the grayscale image, as base64 PNGs. ``threshold``: the one that drove the
+    row's decision (default: the model's)."""
+    threshold = ens.threshold if threshold is None else threshold
     cam, prob = pred.cam[j], float(pred.prob[j])
-    fig = render_overlay(display, cam, prob=prob, threshold=ens.threshold,
+    fig = render_overlay(display, cam, prob=prob, threshold=threshold,
                          decision=row["decision"], box=[row[k] for k in BOX_COLUMNS[:4]],
                          peak=[row["peak_x"], row["peak_y"]])
     h, w = display.shape
     scale = min(1.0, LAYER_MAX_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    layer = heat_layer(cam, size, prob=prob, threshold=ens.threshold, alpha=1.0)
+    layer = heat_layer(cam, size, prob=prob, threshold=threshold, alpha=1.0)
     return {"heatmap_png_base64": _png_base64(fig),
             "heatmap_layer_png_base64": _png_base64(layer),
             "image_png_base64": _png_base64(Image.fromarray(display))}
 
 
+def _decode_one(ens: Ensemble, i: int, name: str, f: BinaryIO, explain: bool, max_bytes: int
+                ) -> tuple[dict[int, np.ndarray], str, np.ndarray]:
+    """One upload -> (model inputs, warning, the image to draw on). Raises ``UploadError``."""
+    g, warning = decode_upload(name, f, ens.sizes, max_bytes)
+    display = None
+    if explain:
+        try:
+            display = display_gray(name, f, max_bytes)
+        except Exception:  # it decoded once: draw on the model's input rather than fail
+            log.exception("decoding upload %r at its own size failed", name)
+    return g, warning, g[max(g)] if display is None else display
+
+
 def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain: bool,
-                    max_bytes: int) -> tuple[list[dict], list[dict]]:
+                    max_bytes: int, point: str | None = None) -> tuple[list[dict], list[dict]]:
     """Decode and predict uploads as one batch (runs on a worker thread).
 
-    Returns (rows, errors): a row per good file (``make_row`` fields with the heat map's peak
-    and box, and the warning, as in the CLI's predictions.json, plus ``index`` and, with
-    ``explain``, the images of :func:`explain_fields`) and ``{"index", "file", "status",
-    "reason"}`` per bad one. The map is always computed, as by the CLI: its peak and box are
-    columns of every row.
+    Decoding is ``serving.uploads`` (checked, then ``load_gray``); prediction and rows are the
+    CLI's own (:func:`bonefrac.inference.predict.predict_decoded`). Returns (rows, errors): a
+    row per good file (the CLI's predictions.json row, ``decision`` at operating point
+    ``point``, plus ``index`` and, with ``explain``, the images of :func:`explain_fields`) and
+    ``{"index", "file", "status", "reason"}`` per bad one.
     """
     decoded, errors = [], []
     for i, (name, f) in enumerate(uploads):
         try:
-            g, warning = decode_upload(name, f, ens.sizes, max_bytes)
-            display = None
-            if explain:
-                try:
-                    display = display_gray(name, f, max_bytes)
-                except Exception:  # it decoded once: draw on the model's input rather than fail
-                    log.exception("decoding upload %r at its own size failed", name)
-            decoded.append((i, name, g, warning, g[max(g)] if display is None else display))
+            decoded.append((i, name, *_decode_one(ens, i, name, f, explain, max_bytes)))
         except UploadError as e:
             errors.append({"index": i, "file": name, "status": e.status, "reason": e.reason})
         except Exception:  # a decoder bug must not cost the other files their results
             log.exception("decoding upload %r failed", name)
             errors.append({"index": i, "file": name, "status": 500,
                            "reason": "internal error while reading the file"})
-    rows = []
-    if decoded:
-        gray = {s: np.stack([d[2][s] for d in decoded]) for s in ens.sizes}
-        pred = ens.predict_gray(gray, explain=True)
-        for j, (i, name, _, warning, display) in enumerate(decoded):
-            row = {"index": i, **make_row(ens, Path(name), pred.prob[j],
-                                          {k: v[j] for k, v in pred.member_probs.items()},
-                                          warning=warning, loc=loc_fields(pred.loc, j))}
-            if explain:
-                row.update(explain_fields(ens, pred, j, row, display))
-            rows.append(row)
-    return rows, errors
+    if not decoded:
+        return [], errors
+    rows, pred = predict_decoded(ens, [d[1] for d in decoded], [d[2] for d in decoded],
+                                 [d[3] for d in decoded], point=point)
+    threshold = decision_threshold(ens, point)
+    out = []
+    for j, ((i, _, _, _, display), row) in enumerate(zip(decoded, rows, strict=True)):
+        row = {"index": i, **row}
+        if explain:
+            row.update(explain_fields(ens, pred, j, row, display, threshold))
+        out.append(row)
+    return out, errors
+
+
+def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict) -> FastAPI:
+    """The FastAPI app with its state, its limits middleware and the executor's shutdown."""
+    max_upload_bytes, max_batch_bytes = limits["max_upload_bytes"], limits["max_batch_bytes"]
+    workers, queue, timeout_s = limits["workers"], limits["queue"], limits["timeout_s"]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="bonefrac", version=__version__, lifespan=lifespan,
+        description="P(fractured) for musculoskeletal radiographs, with Grad-CAM heat maps. "
+                    + DISCLAIMER,
+        docs_url=None, redoc_url=None)  # the stock pages load Swagger/ReDoc from a CDN
+    app.state.ensemble = ens
+    app.state.limits = limits
+    body_caps = {"/v1/predict": max_upload_bytes + MULTIPART_SLACK,
+                 "/v1/predict/batch": max_batch_bytes}
+    app.add_middleware(LimitsMiddleware, capacity=workers + queue, timeout_s=timeout_s,
+                       max_body=body_caps.get)
+    return app
+
+
+def _add_predict_routes(app: FastAPI, ens: Ensemble, executor: ThreadPoolExecutor,
+                        summary: dict, limits: dict) -> None:
+    """POST /v1/predict and /v1/predict/batch, run on ``executor`` within the deadline."""
+    max_upload_bytes, max_batch_files = limits["max_upload_bytes"], limits["max_batch_files"]
+    timeout_s = limits["timeout_s"]
+
+    def check_point(query: str | None, form: str | None) -> str | None:
+        point = query or form
+        if point is not None and point not in operating_point_names(ens):
+            raise HTTPException(422, f"operating_point: unknown {point!r}; this model has "
+                                     f"{', '.join(operating_point_names(ens))}")
+        return point
+
+    async def run_job(request: Request, uploads: list[UploadFile], explain: bool,
+                      point: str | None = None):
+        items = [(Path(u.filename or "upload").name, u.file) for u in uploads]
+        fut = executor.submit(predict_uploads, ens, items, explain, max_upload_bytes, point)
+        remaining = request.scope[DEADLINE_KEY] - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, remaining))
+        except TimeoutError:
+            fut.cancel()  # drops it if still queued; a running one finishes on its own
+            raise HTTPException(504, f"prediction did not finish within {timeout_s:g} s; "
+                                     "the server may be overloaded") from None
+
+    @app.post("/v1/predict", tags=["predict"], responses={c: {"description": ERRORS[c]}
+                                                          for c in ERRORS})
+    async def predict(request: Request,
+                      file: Annotated[UploadFile, File(description="radiograph or DICOM")],
+                      explain: ExplainQ = False, explain_form: ExplainF = False,
+                      operating_point: PointQ = None, operating_point_form: PointF = None
+                      ) -> dict:
+        """P(fractured) for one radiograph: fused and per-member probabilities, the decision at
+        the chosen operating point (``operating_point``, default: the model's threshold) and
+        at each named one, where the model looked (the heat map's peak ``peak_x``, ``peak_y``
+        and box ``box_x0`` .. ``box_y1``, fractions of the image's width/height, with its
+        ``box_score``), the model's identity; with ``explain``, the overlay images."""
+        point = check_point(operating_point, operating_point_form)
+        rows, errors = await run_job(request, [file], explain or explain_form, point)
+        if errors:
+            raise HTTPException(errors[0]["status"], f"{errors[0]['file']}: "
+                                                     f"{errors[0]['reason']}")
+        return {"prediction": rows[0], "model": summary, "disclaimer": DISCLAIMER}
+
+    @app.post("/v1/predict/batch", tags=["predict"],
+              responses={c: {"description": ERRORS[c]} for c in ERRORS})
+    async def predict_batch(request: Request,
+                            files: Annotated[list[UploadFile], File(description="files")],
+                            explain: ExplainQ = False, explain_form: ExplainF = False,
+                            operating_point: PointQ = None, operating_point_form: PointF = None
+                            ) -> dict:
+        """Several files in one request: a result per good file and an error (file, status,
+        reason) per bad one; bad files never cost the good ones their results."""
+        if len(files) > max_batch_files:
+            raise HTTPException(413, f"{len(files)} files sent; at most {max_batch_files} "
+                                     "per request")
+        point = check_point(operating_point, operating_point_form)
+        rows, errors = await run_job(request, files, explain or explain_form, point)
+        return {"predictions": rows, "errors": errors, "n_ok": len(rows),
+                "n_failed": len(errors), "model": summary, "disclaimer": DISCLAIMER}
+
+
+def _add_info_routes(app: FastAPI, ens: Ensemble, summary: dict, model_card: str | None,
+                     limits: dict) -> None:
+    """GET /v1/model, /healthz, the web page, the API reference and the static files."""
+    @app.get("/v1/model", tags=["model"])
+    async def get_model() -> dict:
+        """The model's metadata (operating points, validation, provenance), its model card
+        (MODEL_CARD.md in the model folder, or null) and the service's limits."""
+        return {"model": summary, "meta": ens.meta, "model_card": model_card,
+                "limits": limits, "disclaimer": DISCLAIMER}
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict:
+        return {"status": "ok", "model_id": ens.model_id, "version": __version__}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=HTML_HEADERS)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(api_reference_html(app.openapi()), headers=HTML_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """422 in plain words for invalid requests; 500 without a traceback for bugs."""
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error (see the server log)"},
+                            status_code=500)
 
 
 def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 32 * 2**20,
@@ -194,97 +342,8 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
               "timeout_s": timeout_s}
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bonefrac-infer")
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        executor.shutdown(wait=False, cancel_futures=True)
-
-    app = FastAPI(
-        title="bonefrac", version=__version__, lifespan=lifespan,
-        description="P(fractured) for musculoskeletal radiographs, with Grad-CAM heat maps. "
-                    + DISCLAIMER,
-        docs_url=None, redoc_url=None)  # the stock pages load Swagger/ReDoc from a CDN
-    app.state.ensemble = ens
-    app.state.limits = limits
-    body_caps = {"/v1/predict": max_upload_bytes + MULTIPART_SLACK,
-                 "/v1/predict/batch": max_batch_bytes}
-    app.add_middleware(LimitsMiddleware, capacity=workers + queue, timeout_s=timeout_s,
-                       max_body=body_caps.get)
-
-    async def run_job(request: Request, uploads: list[UploadFile], explain: bool):
-        items = [(Path(u.filename or "upload").name, u.file) for u in uploads]
-        fut = executor.submit(predict_uploads, ens, items, explain, max_upload_bytes)
-        remaining = request.scope[DEADLINE_KEY] - asyncio.get_running_loop().time()
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, remaining))
-        except TimeoutError:
-            fut.cancel()  # drops it if still queued; a running one finishes on its own
-            raise HTTPException(504, f"prediction did not finish within {timeout_s:g} s; "
-                                     "the server may be overloaded") from None
-
-    @app.post("/v1/predict", tags=["predict"], responses={c: {"description": ERRORS[c]}
-                                                          for c in ERRORS})
-    async def predict(request: Request,
-                      file: Annotated[UploadFile, File(description="radiograph or DICOM")],
-                      explain: ExplainQ = False, explain_form: ExplainF = False) -> dict:
-        """P(fractured) for one radiograph: fused and per-member probabilities, the decision at
-        the default threshold and at each operating point, where the model looked (the heat
-        map's peak ``peak_x``, ``peak_y`` and box ``box_x0`` .. ``box_y1``, fractions of the
-        image's width/height, with its ``box_score``), the model's identity; with ``explain``,
-        the overlay images."""
-        rows, errors = await run_job(request, [file], explain or explain_form)
-        if errors:
-            raise HTTPException(errors[0]["status"], f"{errors[0]['file']}: "
-                                                     f"{errors[0]['reason']}")
-        return {"prediction": rows[0], "model": summary, "disclaimer": DISCLAIMER}
-
-    @app.post("/v1/predict/batch", tags=["predict"],
-              responses={c: {"description": ERRORS[c]} for c in ERRORS})
-    async def predict_batch(request: Request,
-                            files: Annotated[list[UploadFile], File(description="files")],
-                            explain: ExplainQ = False, explain_form: ExplainF = False) -> dict:
-        """Several files in one request: a result per good file and an error (file, status,
-        reason) per bad one; bad files never cost the good ones their results."""
-        if len(files) > max_batch_files:
-            raise HTTPException(413, f"{len(files)} files sent; at most {max_batch_files} "
-                                     "per request")
-        rows, errors = await run_job(request, files, explain or explain_form)
-        return {"predictions": rows, "errors": errors, "n_ok": len(rows),
-                "n_failed": len(errors), "model": summary, "disclaimer": DISCLAIMER}
-
-    @app.get("/v1/model", tags=["model"])
-    async def get_model() -> dict:
-        """The model's metadata (operating points, validation, provenance), its model card
-        (MODEL_CARD.md in the model folder, or null) and the service's limits."""
-        return {"model": summary, "meta": ens.meta, "model_card": model_card,
-                "limits": limits, "disclaimer": DISCLAIMER}
-
-    @app.get("/healthz", tags=["service"])
-    async def healthz() -> dict:
-        return {"status": "ok", "model_id": ens.model_id, "version": __version__}
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers=HTML_HEADERS)
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        return HTMLResponse(api_reference_html(app.openapi()), headers=HTML_HEADERS)
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
-            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
-        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"detail": "internal server error (see the server log)"},
-                            status_code=500)
-
+    app = _new_app(ens, executor, limits)
+    _add_predict_routes(app, ens, executor, summary, limits)
+    _add_info_routes(app, ens, summary, model_card, limits)
+    _add_error_handlers(app)
     return app

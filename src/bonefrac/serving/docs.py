@@ -16,9 +16,12 @@ PREDICTION_FIELDS: tuple[tuple[str, str], ...] = (
     ("file", "the uploaded file's name"),
     ("prob_fractured", "fused, calibrated P(fractured)"),
     ("prob_<member>", "each ensemble member's calibrated P(fractured)"),
-    ("decision", "fractured or non_fractured at the default threshold"),
-    ("confidence", "P of the decided class"),
-    ("threshold", "the default decision threshold"),
+    ("decision", "fractured or non_fractured at `threshold`"),
+    ("confidence", "max(p, 1 - p) of the fused probability p (prob_fractured): how far the "
+                   "model is from undecided (0.5), whatever the threshold; not the probability "
+                   "that the decision is right"),
+    ("threshold", "the threshold that drove `decision`: the model's default one, or that of "
+                  "the operating point asked for with `operating_point`"),
     ("decision_<point>", "the decision at each named operating point (triage, confirmation)"),
     ("model_id, version", "which model and which bonefrac made the prediction"),
     ("warning", "plausibility notes on the image ('' when none)"),

@@ -1,0 +1,228 @@
+"""The Python API: ``bonefrac.load(name_or_folder).predict(path | array | list)`` (no torch).
+
+    import bonefrac
+    model = bonefrac.load("ensemble")              # or "baseline", a model folder, a run
+    r = model.predict("scan.jpg")                  # one Result; a list in -> a list out
+    r.prob_fractured, r.decision, r.decision_triage, r.prob_members["mobilenetv2"]
+    r = model.predict(array, explain=True)         # (H, W) uint8 or float in [0, 1]
+    r.heatmap                                      # (H, W) float32 map in [0, 1]
+
+The numbers are the CLI's: decoding, batching and rows are those of ``bonefrac predict``
+(:func:`bonefrac.inference.predict.predict_decoded`), so ``r.prob_fractured`` equals the
+``prob_fractured`` column of ``predictions.csv`` for the same file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from bonefrac.data.io import ImageReadError, gray_from_array, load_gray
+from bonefrac.inference.ensemble import Ensemble
+from bonefrac.inference.heatmap import upsample_map
+from bonefrac.inference.predict import (
+    DEFAULT_BATCH,
+    blank_warning,
+    image_warning,
+    operating_point_names,
+    predict_decoded,
+    size_warning,
+)
+from bonefrac.utils import display_path
+
+ImageLike = str | os.PathLike | np.ndarray
+
+
+@dataclass(frozen=True)
+class Result:
+    """One image's prediction. Field names are the ``predictions.csv`` columns, except the
+    per-member probabilities: member names vary between models, so the ``prob_<member>``
+    columns are gathered in the dict ``prob_members`` (``{"mobilenetv2": 0.41, ...}``);
+    :meth:`row` gives the exact CSV row back.
+
+    - ``file``: the path as given (``array[i]`` for arrays, ``i`` its position in the input);
+    - ``prob_fractured``: fused, calibrated P(fractured), rounded to 6 decimals as in the CSV;
+    - ``decision``: ``"fractured"`` / ``"non_fractured"`` at ``threshold``, the threshold of
+      the chosen operating point (``predict(..., operating_point=...)``, default the model's);
+    - ``confidence``: ``max(p, 1 - p)`` of ``prob_fractured``: the distance from undecided,
+      not the probability that ``decision`` is right;
+    - ``decision_triage``, ``decision_confirmation``: the decision at each named operating
+      point (None where the model has no such point);
+    - ``peak_x``, ``peak_y``, ``box_x0`` .. ``box_y1``: where the heat map peaks and the box
+      around it, fractions of the image's width/height; ``box_score`` the box's score;
+    - ``model_id``, ``version``, ``warning`` (plausibility notes, '' when none);
+    - ``heatmap``: with ``explain=True``, the fused map at the image's own size (the input
+      array's shape; for a file, as ``load_gray(path, None)`` decodes it), float32 in [0, 1];
+      else None.
+    """
+
+    file: str
+    prob_fractured: float
+    prob_members: dict[str, float]
+    decision: str
+    confidence: float
+    threshold: float
+    decision_triage: str | None
+    decision_confirmation: str | None
+    peak_x: float
+    peak_y: float
+    box_x0: float
+    box_y0: float
+    box_x1: float
+    box_y1: float
+    box_score: float
+    model_id: str
+    version: str
+    warning: str
+    heatmap: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_row(cls, row: dict, heatmap: np.ndarray | None = None) -> Result:
+        """A :func:`bonefrac.inference.predict.make_row` row as a Result."""
+        members = {k[len("prob_"):]: v for k, v in row.items()
+                   if k.startswith("prob_") and k != "prob_fractured"}
+        names = {f.name for f in fields(cls)} - {"prob_members", "heatmap"}
+        return cls(**{k: row.get(k) for k in names}, prob_members=members, heatmap=heatmap)
+
+    def row(self) -> dict:
+        """The ``predictions.csv`` row (same columns, same order)."""
+        out = {"file": self.file, "prob_fractured": self.prob_fractured}
+        out.update({f"prob_{k}": v for k, v in self.prob_members.items()})
+        out.update(decision=self.decision, confidence=self.confidence, threshold=self.threshold)
+        for name in ("triage", "confirmation"):
+            if getattr(self, f"decision_{name}") is not None:
+                out[f"decision_{name}"] = getattr(self, f"decision_{name}")
+        for k in ("peak_x", "peak_y", "box_x0", "box_y0", "box_x1", "box_y1", "box_score",
+                  "model_id", "version", "warning"):
+            out[k] = getattr(self, k)
+        return out
+
+
+class Model:
+    """A loaded bonefrac model (ensemble or single run) with a :meth:`predict` for Python."""
+
+    def __init__(self, ensemble: Ensemble):
+        self.ensemble = ensemble
+
+    def __repr__(self) -> str:
+        return (f"bonefrac.Model({self.model_id!r}, members={self.member_names}, "
+                f"threshold={self.threshold:.4f})")
+
+    @property
+    def model_id(self) -> str:
+        return self.ensemble.model_id
+
+    @property
+    def root(self) -> Path:
+        """The model folder."""
+        return self.ensemble.root
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.ensemble.members]
+
+    @property
+    def threshold(self) -> float:
+        """The model's default decision threshold on P(fractured)."""
+        return self.ensemble.threshold
+
+    @property
+    def operating_points(self) -> dict[str, float]:
+        """``{"default": t, "triage": t, "confirmation": t}``: the ``operating_point`` values."""
+        ops = self.ensemble.operating_points
+        return {"default": self.threshold, **{k: float(v["threshold"]) for k, v in ops.items()}}
+
+    def predict(self, x: ImageLike | Sequence[ImageLike], *, explain: bool = False,
+                operating_point: str | None = None, batch_size: int = DEFAULT_BATCH
+                ) -> Result | list[Result]:
+        """Predict one image or several.
+
+        Args:
+            x: a path (image or DICOM file), a ``(H, W)`` numpy array (uint8 0..255, or float
+                in 0..1), or a list of these; one input gives one :class:`Result`, a list a
+                list of them, in order.
+            explain: also return the heat map (``Result.heatmap``).
+            operating_point: ``"default"`` (the model's threshold, also None), ``"triage"``
+                or ``"confirmation"``: whose threshold drives ``decision``.
+            batch_size: images per model run.
+        Raises:
+            ImageReadError: a file cannot be read (``.reason`` says why).
+            ValueError: an array of the wrong shape or dtype, an unknown operating point.
+        """
+        if operating_point not in (None, *operating_point_names(self.ensemble)):
+            raise ValueError(f"unknown operating point {operating_point!r}; this model has: "
+                             f"{', '.join(operating_point_names(self.ensemble))}")
+        single = isinstance(x, str | os.PathLike | np.ndarray)
+        items = [x] if single else list(x)
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        out: list[Result] = []
+        for i in range(0, len(items), batch_size):
+            out += self._predict_batch(items[i:i + batch_size], i, explain, operating_point)
+        return out[0] if single else out
+
+    def _predict_batch(self, items: list[ImageLike], start: int, explain: bool,
+                       point: str | None) -> list[Result]:
+        sizes = sorted(self.ensemble.sizes)
+        names, decoded, warnings = [], [], []
+        for j, item in enumerate(items):
+            name, d, warning = _decode_item(item, start + j, sizes)
+            names.append(name)
+            decoded.append(d)
+            warnings.append(warning)
+        rows, pred = predict_decoded(self.ensemble, names, decoded, warnings, point=point)
+        results = []
+        for j, (item, row) in enumerate(zip(items, rows, strict=True)):
+            heat = None
+            if explain:
+                shape = _display_shape(item)
+                heat = upsample_map(pred.cam[j], (shape[1], shape[0])).astype(np.float32)
+            results.append(Result.from_row(row, heat))
+        return results
+
+
+def _decode_item(item: ImageLike, index: int, sizes: Sequence[int]
+                 ) -> tuple[str, dict[int, np.ndarray], str]:
+    """(file name for the row, ``{size: uint8 input}``, warning) for a path or an array."""
+    if isinstance(item, np.ndarray):
+        d = {s: gray_from_array(item, s) for s in sizes}
+        h, w = item.shape
+        warning = "; ".join(filter(None, [size_warning(w, h, d[sizes[-1]]),
+                                          blank_warning(d[sizes[-1]])]))
+        return f"array[{index}]", d, warning
+    if not isinstance(item, str | os.PathLike):
+        raise ValueError(f"input {index}: expected a path or a numpy array, got "
+                         f"{type(item).__name__}")
+    path = Path(item)
+    d = {s: load_gray(path, s) for s in sizes}
+    return display_path(path), d, image_warning(path, d[sizes[-1]])
+
+
+def _display_shape(item: ImageLike) -> tuple[int, int]:
+    if isinstance(item, np.ndarray):
+        return item.shape[:2]
+    try:
+        return load_gray(item, None).shape
+    except ImageReadError:  # it decoded a moment ago; the model's grid size is a fallback
+        return (224, 224)
+
+
+def load(model: str | os.PathLike | None = "ensemble", *, backend: str = "auto",
+         threads: int | None = None, verify: bool = True) -> Model:
+    """Load a model for :meth:`Model.predict`.
+
+    Args:
+        model: ``"ensemble"`` (the shipped default) or ``"baseline"`` (the shipped
+            MobileNetV2), an ensemble folder (``ensemble_meta.json``) or a training run
+            folder (``model.json``), as the CLI's ``--model``.
+        backend: ``"onnx"`` (no torch), ``"torch"`` or ``"auto"`` (ONNX where exported).
+        threads: ONNX Runtime threads per run (default: ONNX Runtime's).
+        verify: check every member file against its recorded sha256 first.
+    Raises:
+        ModelFileError: not a model folder, a missing or tampered file.
+    """
+    return Model(Ensemble.load(model, backend=backend, threads=threads, verify=verify))
