@@ -24,3 +24,28 @@ def test_v1_predictions_are_unchanged():
                 assert got[name][key] == pytest.approx(value, abs=2e-6), (name, key)
             else:
                 assert got[name][key] == value, (name, key)
+
+
+def test_evaluate_compare_with_adds_both_models_to_comparison_md(tmp_path):
+    """Two real shipped models on the same images with boxes: the table has both, the paired
+    AUC-difference CI, both error types and both pointing games."""
+    import shutil
+
+    from helpers import SHIPPED_BASELINE
+
+    from bonefrac.data.dataset import load_index
+    from bonefrac.evaluation.evaluate import evaluate_model
+
+    data = tmp_path / "data"
+    shutil.copytree(TEST_DATA, data)
+    shutil.copy(TEST_DATA / "fracture_boxes.csv", data / "boxes.csv")
+    res = evaluate_model(SHIPPED_ENSEMBLE, load_index(data), split="test", out=tmp_path / "r",
+                         compare_with=SHIPPED_BASELINE)
+    cmp = res["compared_with"]
+    lo, hi = cmp["auc_diff"]["ci95"]
+    assert lo <= cmp["auc_diff"]["value"] <= hi
+    assert set(cmp["errors"]) == set(cmp["models"]) and len(cmp["models"]) == 2
+    text = (tmp_path / "r" / "comparison.md").read_text()
+    new, old = cmp["models"]
+    assert f"## {new} vs {old}" in text and "paired stratified bootstrap" in text
+    assert "false negatives" in text and text.count("| 0.") >= 2

@@ -18,6 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--subgroup", default=None, metavar="COLUMN",
                    help="also report metrics per value of this manifest/groups.csv column; "
                         "default: none")
+    p.add_argument("--compare-with", default=None, metavar="MODEL",
+                   help="also run this model (folder or short name) on the same images and "
+                        "add both, side by side, to comparison.md; default: none")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
                    help="onnx: ONNX Runtime; torch: PyTorch (needs [train]); auto: ONNX where "
                         "the model has an export, else torch")
@@ -34,7 +37,9 @@ def run(args) -> int:
     index = load_index_args(args, all_test=all_test)
     res = evaluate_model(resolve_model(args.model), index, split="test" if all_test
                          else args.split, out=args.out, refit_threshold=args.refit_threshold,
-                         subgroup=args.subgroup, backend=args.backend)
+                         subgroup=args.subgroup, backend=args.backend,
+                         compare_with=resolve_model(args.compare_with) if args.compare_with
+                         else None)
     m = res["metrics"]
     print(f"{res['model_id']} on {res['split']} (n={res['n']}): "
           f"AUC {m['roc_auc']['value']:.4f} {m['roc_auc']['ci95']}, "

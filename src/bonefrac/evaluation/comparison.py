@@ -48,3 +48,41 @@ def write_comparison(res: Path, ens: Ensemble, y: np.ndarray, probs: dict[str, n
               f"positives) against the baseline: {verdict}.", ""]
     write_text(res / "comparison.md", "\n".join(lines))
     return {"rows": rows, "auc_diff": {"value": diff, "ci95": [lo, hi]}, "claim": verdict}
+
+
+def write_model_comparison(res: Path, y: np.ndarray, models: dict[str, dict], split: str,
+                           n_boot: int = 2000) -> dict:
+    """Append "model A vs model B" on the same images to ``res/comparison.md``.
+
+    ``models``: two entries ``{name: {"prob": (N,), "threshold": t, "localisation": dict|None}}``
+    in the order (new, old); each model at its own validation-chosen threshold. The AUC
+    difference (new minus old) has a paired stratified bootstrap CI; both error types are
+    compared, and the pointing game where both have localisation metrics.
+    """
+    (new, a), (old, b) = models.items()
+    ma = binary_metrics(y, a["prob"], a["threshold"], n_boot=200)
+    mb = binary_metrics(y, b["prob"], b["threshold"], n_boot=200)
+    diff, lo, hi = paired_bootstrap_auc_diff(y, a["prob"], b["prob"], n_boot=n_boot, seed=0)
+    lines = ["", f"## {new} vs {old} ({split} split, the same n={len(y)} images)", "",
+             "| model | threshold | AUC [95% CI] | sensitivity | specificity | FN | FP | "
+             "pointing game [95% CI] |", "|---|---|---|---|---|---|---|---|"]
+    for name, m, spec in ((new, ma, a), (old, mb, b)):
+        c, loc = m["counts"], (spec.get("localisation") or {}).get("pointing_game")
+        pg = f"{loc['value']:.3f} [{loc['ci95'][0]:.3f}, {loc['ci95'][1]:.3f}]" if loc else "-"
+        auc = m["roc_auc"]
+        lines.append(f"| {name} | {m['threshold']:.3f} | {auc['value']:.4f} "
+                     f"[{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}] | "
+                     f"{m['sensitivity']['value']:.3f} | {m['specificity']['value']:.3f} | "
+                     f"{c['fn']} | {c['fp']} | {pg} |")
+    ca, cb = ma["counts"], mb["counts"]
+    lines += ["", f"AUC difference, {new} minus {old}: {diff:+.4f} (paired stratified bootstrap "
+              f"95% CI [{lo:+.4f}, {hi:+.4f}], {n_boot} resamples)"
+              + (" - the CI includes 0." if lo <= 0 <= hi else "."),
+              f"Error types, {old} -> {new}: false negatives {cb['fn']} -> {ca['fn']}, "
+              f"false positives {cb['fp']} -> {ca['fp']}.", ""]
+    path = res / "comparison.md"
+    before = path.read_text() if path.is_file() else ""
+    write_text(path, before + "\n".join(lines))
+    return {"models": [new, old], "auc_diff": {"value": diff, "ci95": [lo, hi]},
+            "errors": {new: {"fn": ca["fn"], "fp": ca["fp"]},
+                       old: {"fn": cb["fn"], "fp": cb["fp"]}}}

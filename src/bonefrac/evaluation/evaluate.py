@@ -85,8 +85,12 @@ def threshold_note(ens: Ensemble, *, split: str, refit: str | None = None) -> st
 
 def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "test",
                    out: str | Path | None = None, refit_threshold: bool = False,
-                   subgroup: str | None = None, backend: str = "auto") -> dict:
+                   subgroup: str | None = None, backend: str = "auto",
+                   compare_with: str | Path | None = None) -> dict:
     """Write the full artifact set for ``model_dir`` on ``index``'s ``split`` and return metrics.
+
+    ``compare_with``: another model folder, run on the same images; ``comparison.md`` gains
+    the two side by side (paired bootstrap CI of the AUC difference, both error types).
 
     The model's stored threshold and operating points are used as they are (chosen on its
     validation split); ``refit_threshold`` re-tunes them on the evaluated data and says so.
@@ -150,12 +154,38 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
         loc = evaluate_localisation(ens, so.samples, boxes, res)
         if loc is not None:
             result["localisation"] = loc
+    if compare_with:
+        result["compared_with"] = _compare_with(ens, p, so, compare_with, res, split, boxes,
+                                                result.get("localisation"), backend)
     write_json(res / "metrics.json", result)
     write_json(res / "predictions.json", [
         {"file": s.rel, "label": int(y), "prob": float(q),
          **{f"prob_{n}": float(v[i]) for n, v in probs.items()}}
         for i, (s, y, q) in enumerate(zip(so.samples, so.y, p, strict=True))])
     return result
+
+
+def _compare_with(ens: Ensemble, p: np.ndarray, so: SplitOutputs, other_dir: str | Path,
+                  res: Path, split: str, boxes, loc: dict | None, backend: str) -> dict:
+    """Run the other model on the same images and append the two-model table to
+    ``comparison.md`` (:func:`~bonefrac.evaluation.comparison.write_model_comparison`)."""
+    import tempfile
+
+    from bonefrac.evaluation.comparison import write_model_comparison
+
+    other = Ensemble.load(other_dir, backend=backend)
+    oo = collect(other, so.samples, desc=f"evaluating {split} ({other.model_id})")
+    if [s.rel for s in oo.samples] != [s.rel for s in so.samples]:
+        raise ValueError(f"{other_dir}: could not read the same images as {ens.model_id}")
+    q = fuse(member_probs(other, oo.logits), other.weights)
+    other_loc = None
+    if boxes:
+        with tempfile.TemporaryDirectory() as tmp:
+            other_loc = evaluate_localisation(other, so.samples, boxes, Path(tmp))
+    return write_model_comparison(res, so.y, {
+        ens.model_id: {"prob": p, "threshold": ens.threshold, "localisation": loc},
+        other.model_id: {"prob": q, "threshold": other.threshold, "localisation": other_loc}},
+        split)
 
 
 LOC_BATCH = 32  # images per explain=True run: the maps stay small in memory
