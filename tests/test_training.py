@@ -223,3 +223,107 @@ def test_box_supervision_is_off_without_boxes_or_with_weight_zero(tmp_path):
     mj = json.loads((run / "model.json").read_text())
     assert mj["loc_head"] is False and mj["heatmap"] == "gradcam"
     assert "loc_loss" not in json.loads((run / "history.json").read_text())[-1]
+
+
+# Every option `bonefrac train` had before its options were derived from TrainConfig's fields.
+TRAIN_FLAGS = {"--data", "--out", "--arch", "--weights", "--epochs-frozen", "--epochs-finetune",
+               "--unfreeze-blocks", "--views", "--batch-size", "--lr-frozen", "--lr-finetune",
+               "--soup-lrs", "--patience", "--hidden", "--dropout", "--seed", "--max-images",
+               "--size", "--loc-weight", "--boxes", "--init-from", "--resume", "--bn",
+               "--stop-on", "--schedule", "--label-smoothing", "--ema", "--mixup", "--device",
+               "--threshold-policy"}
+
+
+def _train_parser():
+    import argparse
+
+    from bonefrac.cli.common import HelpFormatter
+    from bonefrac.cli.train import add_arguments
+
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def test_every_config_field_is_a_train_option_and_the_defaults_parse_to_train_config():
+    import dataclasses
+
+    from bonefrac.cli.train import config_values
+
+    p = _train_parser()
+    by_dest = {a.dest: a for a in p._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in by_dest, f"TrainConfig.{f.name} has no option"
+        assert by_dest[f.name].help and f.metadata["help"] == by_dest[f.name].help, f.name
+    flags = {s for a in p._actions for s in a.option_strings}
+    assert not TRAIN_FLAGS - flags, TRAIN_FLAGS - flags  # none renamed or dropped
+    assert TrainConfig(**config_values(p.parse_args(["--data", "D", "--out", "O"]))) \
+        == TrainConfig()
+    assert by_dest["train_bn"].option_strings == ["--bn"] and by_dest["train_bn"].default == "train"
+    assert by_dest["monitor"].option_strings == ["--stop-on"]
+    text = " ".join(p.format_help().split())
+    assert "statistics (frozen) (default: train)" in text  # --bn's default as the CLI spells it
+    assert "(default: None)" not in text and "(default: [])" in text  # --soup-lrs
+
+
+def test_train_options_convert_to_config_values():
+    from bonefrac.cli.train import config_values
+
+    args = _train_parser().parse_args([
+        "--data", "D", "--out", "O", "--bn", "frozen", "--weights", "None", "--stop-on",
+        "val_loss", "--soup-lrs", "1e-4", "2e-4", "--max-images", "8", "--loc-pos-weight", "2",
+        "--threshold-policy", "youden"])
+    cfg = TrainConfig(**config_values(args))
+    assert cfg == TrainConfig(train_bn=False, weights=None, monitor="val_loss",
+                              soup_lrs=(1e-4, 2e-4), max_images=8, loc_pos_weight=2.0,
+                              threshold_policy="youden")
+    assert TrainConfig(**config_values(_train_parser().parse_args(
+        ["--data", "D", "--out", "O", "--soup-lrs"]))).soup_lrs == ()
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(["--data", "D", "--out", "O", "--bn", "eval"])
+
+
+def test_stage_steps_train_validate_checkpoint_and_resume_a_toy_model(tmp_path):
+    """The stage object alone, on a linear model: each epoch a history row and a checkpoint;
+    resuming a finished stage restores its best weights and history without training."""
+    import torch
+    from safetensors.torch import load_file
+    from torch import nn
+
+    from bonefrac.training.distributed import Dist
+    from bonefrac.training.trainer import RunSetup, Stage, StageSpec
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 4)).astype(np.float32), np.tile([0, 1], 16)
+    vx, vy = rng.normal(size=(12, 4)).astype(np.float32), np.tile([0, 1], 6)
+    (tmp_path / "checkpoints").mkdir()
+
+    def stage(resume):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        rs = RunSetup(TrainConfig(batch_size=8), model, tmp_path, Dist(), torch.ones(2), resume)
+        spec = StageSpec("frozen", model, model, lambda e: (x, y), (vx, vy), epochs=3, lr=1e-2)
+        return model, Stage(spec, rs, [])
+
+    model, first = stage(resume=False)
+    hist = first.run()
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr"} <= set(hist[0])
+    assert json.loads((tmp_path / "history.json").read_text()) == hist
+    best = load_file(str(tmp_path / "checkpoints" / "best_frozen.safetensors"))
+    model2, again = stage(resume=True)
+    assert again.run() == hist
+    for k, v in model2.state_dict().items():
+        torch.testing.assert_close(v, best[k])
+        torch.testing.assert_close(v, model.state_dict()[k])
+
+
+@pytest.mark.slow
+def test_box_supervised_run_after_stage_1_writes_a_history_csv(tmp_path):
+    """Stage 1 logs no fracture-map loss and stage 2 does: history.csv has every column."""
+    run = train(TEST_DATA, tmp_path / "loc", _cfg(epochs_frozen=1, epochs_finetune=1, views=1,
+                                                  boxes=str(TEST_DATA / "fracture_boxes.csv")),
+                finalize=False)
+    rows = list(csv.DictReader((run / "history.csv").read_text().splitlines()))
+    assert [r["stage"] for r in rows] == ["frozen", "finetune"]
+    assert rows[0]["loc_loss"] == "" and float(rows[1]["loc_loss"]) > 0

@@ -28,8 +28,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -294,150 +295,231 @@ def _load_checkpoint(run: Path, stage: str, model: FractureNet, opt, sched,
     return state["epoch"], state["history"]
 
 
-def _fit_stage(stage: str, model: FractureNet, trainable: nn.Module, forward, train_x, train_y,
-               val_x, val_y, *, epochs: int, lr: float, cfg: TrainConfig, weights: torch.Tensor,
-               run: Path, history: list[dict], resume: bool, ctx: Dist,
-               schedule: str = "plateau", start_from: dict | None = None,
-               aux=None) -> list[dict]:
-    """One training stage with Adam, a learning-rate ``schedule`` ("plateau": ReduceLROnPlateau
-    on ``cfg.monitor``; "onecycle": per-batch one-cycle peaking at ``lr``) and early stopping on
-    ``cfg.monitor``; cross-entropy with ``cfg.label_smoothing``, optionally on mixup batches
-    (``cfg.mixup``); with ``cfg.ema`` the weight average is what is validated, early-stopped on
-    and saved as best.
+@dataclass
+class RunSetup:
+    """What every stage of one run shares."""
 
-    On return ``model`` holds the stage's best weights; a fine-tuning stage that never beats
-    stage 1 returns ``start_from`` (stage 1's best weights, which it starts from).
-    ``train_x(epoch)`` returns that epoch's inputs (all epochs the same length);
-    ``forward(x)`` maps inputs to logits, or to (logits, fracture-map logits) when ``aux``
-    (``aux(map_logits, epoch, rows) -> loss``, added to the classification loss) is given.
-    Distributed (``ctx``): see :mod:`bonefrac.training.distributed`.
+    cfg: TrainConfig
+    model: FractureNet
+    run: Path  # the run folder (rank 0 writes it)
+    ctx: Dist  # this process's place in a DDP job (:mod:`bonefrac.training.distributed`)
+    weights: torch.Tensor  # cross-entropy class weights
+    resume: bool  # continue from the run folder's checkpoint
+
+
+@dataclass
+class StageSpec:
+    """One stage's inputs. ``data(epoch)`` gives that epoch's training inputs and labels (every
+    epoch the same length); ``forward(x)`` maps inputs to logits, or to (logits, fracture-map
+    logits) when ``aux`` (``aux(map_logits, epoch, rows) -> loss``, added to the classification
+    loss) is given. ``schedule``: "plateau" (ReduceLROnPlateau on ``cfg.monitor``) or
+    "onecycle" (per batch, peaking at ``lr``). ``start_from``: weights to start from, which
+    are also the result when the stage never beats stage 1."""
+
+    name: str  # "frozen", "finetune", "finetune2", ...: the history's and checkpoints' name
+    trainable: nn.Module
+    forward: Callable
+    data: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    val: tuple[np.ndarray, np.ndarray]
+    epochs: int
+    lr: float
+    schedule: str = "plateau"
+    start_from: dict | None = None
+    aux: LocLoss | None = None
+
+
+class Stage:
+    """One training stage in named steps: :meth:`resume`, then per epoch :meth:`train_epoch`,
+    :meth:`validate` and :meth:`checkpoint`; :meth:`run` does them all.
+
+    Adam with the spec's schedule; early stopping on ``cfg.monitor``, which a fine-tuning stage
+    must beat stage 1 on to replace its weights; cross-entropy with ``cfg.label_smoothing``,
+    optionally on mixup batches (``cfg.mixup``); with ``cfg.ema`` the weight average is what is
+    validated, early-stopped on and saved as best. Distributed: every rank trains its share of
+    each global batch, rank 0 alone reads and writes the run folder.
     """
-    from tqdm.auto import tqdm
 
-    net, evaluate = ctx.wrap(trainable, forward)  # DDP when distributed
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    if schedule == "onecycle":
-        steps = math.ceil(len(train_x(1)) / cfg.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, epochs=epochs, steps_per_epoch=steps,
-                                                    pct_start=0.1)
-    else:
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=1)
-    stopper = EarlyStopping(cfg.patience)
-    # A fine-tuning stage must beat stage 1 to replace its weights.
-    stopper.best = min((_monitored(h, cfg) for h in history if h["stage"] == "frozen"),
-                       default=math.inf)
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
-    val_loss_fn = nn.CrossEntropyLoss(weight=weights)  # comparable across smoothing settings
-    ema = WeightEma(trainable, cfg.ema) if cfg.ema else None
-    start = 0
-    if start_from is not None:
-        model.load_state_dict(start_from)
-    best_path = run / "checkpoints" / f"best_{stage}.safetensors"
-    state_path = run / "checkpoints" / "state.json"
-    done = False
-    if resume and ctx.is_main and state_path.exists():  # rank 0 owns the run folder
-        st = json.loads(state_path.read_text())
-        if st["stage"] == stage:
-            start, history = _load_checkpoint(run, stage, model, opt, sched, stopper, ema)
-            print(f"resumed {stage} after epoch {start}")
-        elif [h for h in history if h["stage"] == stage]:
-            done = True  # this stage finished before the interruption
-    start, history, done = ctx.sync_from_main(model, opt, sched, stopper, (start, history, done))
-    if ema is not None:
-        ctx.sync_model(ema.avg)  # a resumed average, from rank 0
-    if done:
-        _restore_best(model, best_path, start_from, ctx)
-        return history
-    yv = ctx.tensor(val_y)
+    def __init__(self, spec: StageSpec, rs: RunSetup, history: list[dict]):
+        cfg = rs.cfg
+        self.spec, self.rs, self.history = spec, rs, history
+        self.net, self.evaluate = rs.ctx.wrap(spec.trainable, spec.forward)  # DDP if several
+        params = [p for p in spec.trainable.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=spec.lr, weight_decay=cfg.weight_decay)
+        if spec.schedule == "onecycle":
+            steps = math.ceil(len(spec.data(1)[0]) / cfg.batch_size)
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(
+                self.opt, spec.lr, epochs=spec.epochs, steps_per_epoch=steps, pct_start=0.1)
+        else:
+            self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, factor=0.3,
+                                                                    patience=1)
+        self.stopper = EarlyStopping(cfg.patience)
+        # A fine-tuning stage must beat stage 1 to replace its weights.
+        self.stopper.best = min((_monitored(h, cfg) for h in history if h["stage"] == "frozen"),
+                                default=math.inf)
+        self.loss_fn = nn.CrossEntropyLoss(weight=rs.weights,
+                                           label_smoothing=cfg.label_smoothing)
+        self.val_loss_fn = nn.CrossEntropyLoss(weight=rs.weights)  # same for any smoothing
+        self.ema = WeightEma(spec.trainable, cfg.ema) if cfg.ema else None
+        self.best_path = rs.run / "checkpoints" / f"best_{spec.name}.safetensors"
+        self.start = 0  # the last epoch already done (set by resume)
+        self.t0 = 0.0  # when the current epoch started
 
-    @torch.inference_mode()
-    def validate() -> tuple[float, float, float]:
-        """(loss, accuracy, ROC-AUC) on the validation inputs, identical on every rank."""
-        vl = ctx.gather_rows(lambda a: _logits(evaluate(ctx.tensor(a))), val_x, 256)
-        auc = roc_auc(val_y, (vl[:, 1] - vl[:, 0]).cpu().numpy())
-        acc = float((vl.argmax(1) == yv).float().mean())
-        return ctx.broadcast(float(val_loss_fn(vl, yv))), acc, ctx.broadcast(auc)
+    def run(self) -> list[dict]:
+        """Train until ``epochs`` or early stopping; returns the history. ``model`` then holds
+        the stage's best weights (or ``start_from``'s, when it never beat stage 1)."""
+        if not self.resume():
+            for epoch in range(self.start + 1, self.spec.epochs + 1):
+                if self.stopper.should_stop:
+                    break
+                trained = self.train_epoch(epoch)
+                val, improved = self.validate()
+                self.checkpoint(epoch, self._record(epoch, trained, val, improved))
+            self.rs.ctx.log_replica(self.rs.model, self.spec.name)
+        _restore_best(self.rs.model, self.best_path, self.spec.start_from, self.rs.ctx)
+        return self.history
 
-    for epoch in range(start + 1, epochs + 1):
-        if stopper.should_stop:
-            break
-        seed_everything(cfg.seed * 1000 + epoch + (500 if stage.startswith("finetune") else 0))
-        x, y = train_x(epoch), train_y(epoch)
+    def resume(self) -> bool:
+        """Start from ``start_from``; with ``--resume``, from rank 0's checkpoint of this stage
+        (weights, average, optimizer, schedule, early stopping, history; sets ``start``), on
+        every rank. True when the stage had already finished before the interruption."""
+        s, ctx = self.rs, self.rs.ctx
+        start, history, done = 0, self.history, False
+        if self.spec.start_from is not None:
+            s.model.load_state_dict(self.spec.start_from)
+        state_path = s.run / "checkpoints" / "state.json"
+        if s.resume and ctx.is_main and state_path.exists():  # rank 0 owns the run folder
+            if json.loads(state_path.read_text())["stage"] == self.spec.name:
+                start, history = _load_checkpoint(s.run, self.spec.name, s.model, self.opt,
+                                                  self.sched, self.stopper, self.ema)
+                print(f"resumed {self.spec.name} after epoch {start}")
+            elif [h for h in history if h["stage"] == self.spec.name]:
+                done = True  # this stage finished before the interruption
+        self.start, self.history, done = ctx.sync_from_main(
+            s.model, self.opt, self.sched, self.stopper, (start, history, done))
+        if self.ema is not None:
+            ctx.sync_model(self.ema.avg)  # a resumed average, from rank 0
+        return done
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the epoch's inputs in shuffled global batches: the global batch's
+        mean ``loss`` and ``accuracy``, the ``lr`` of the last step, and with ``aux`` the sum
+        of this rank's fracture-map losses (``aux_sum``) and the number of images (``seen``)."""
+        from tqdm.auto import tqdm
+
+        spec, cfg, ctx = self.spec, self.rs.cfg, self.rs.ctx
+        seed_everything(cfg.seed * 1000 + epoch + (500 if spec.name.startswith("finetune") else 0))
+        x, y = spec.data(epoch)
         order = np.random.permutation(len(x))
         ctx.shuffle_dropout()
-        trainable.train()
+        spec.trainable.train()
         if not cfg.train_bn:
-            _freeze_bn(model)
-        tot, tot_aux, correct, seen = 0.0, 0.0, 0, 0
-        t0 = time.time()
-        bar = tqdm(range(0, len(x), cfg.batch_size), desc=f"{stage} {epoch}/{epochs}",
+            _freeze_bn(self.rs.model)
+        tot, tot_aux, correct, seen, lr_used = 0.0, 0.0, 0, 0, math.nan
+        self.t0 = time.time()
+        bar = tqdm(range(0, len(x), cfg.batch_size), desc=f"{spec.name} {epoch}/{spec.epochs}",
                    unit="batch", leave=False)
         for i in bar:
             idx = np.sort(order[i:i + cfg.batch_size])
             mine = idx[ctx.rank::ctx.world]  # this rank's share of the global batch
             xb, yb = ctx.tensor(x[mine]), ctx.tensor(y[mine])
-            if cfg.mixup:
-                lam, perm = float(np.random.beta(cfg.mixup, cfg.mixup)), torch.randperm(len(xb))
-                logits = net(lam * xb + (1 - lam) * xb[perm])
-                # The shuffle stays within this rank's share: the batch's labels are unchanged.
-                loss = (lam * ctx.loss(loss_fn, logits, yb, y[idx])
-                        + (1 - lam) * ctx.loss(loss_fn, logits, yb[perm], y[idx]))
-            else:
-                logits, maps = _split_outputs(net(xb))
-                loss = ctx.loss(loss_fn, logits, yb, y[idx])
-                if aux is not None:
-                    extra_loss = aux(maps, epoch, mine)
-                    loss = loss + extra_loss
-                    tot_aux += extra_loss.item() * len(mine)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update()
-            lr_used = opt.param_groups[0]["lr"]  # what the history reports: this epoch's last
-            if schedule == "onecycle":
-                sched.step()
+            loss, logits, aux_loss = self._loss(xb, yb, y[idx], mine, epoch)
+            lr_used = self._step(loss)
+            tot_aux += aux_loss * len(mine)
             tot += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{tot / seen:.4f}")
-        ctx.sync_buffers(trainable)
+        ctx.sync_buffers(spec.trainable)
         if ctx.world > 1:  # global-batch numbers; ctx.loss scales each rank's loss by world
             tot, correct = ctx.all_sum(tot / ctx.world, correct)
-        model.eval()
-        extra = {}
-        if ema is not None:
-            ctx.sync_buffers(ema.avg)
-            extra["val_auc_raw"] = validate()[2]  # the trained weights themselves, for the log
-        with ema.swapped() if ema is not None else nullcontext():
-            val_loss, val_acc, val_auc = validate()
-            monitored = _monitored({"val_loss": val_loss, "val_auc": val_auc}, cfg)
-            improved = stopper.step(monitored)
-            if improved and ctx.is_main:
-                save_tensors(model.state_dict(), best_path)
-        if schedule == "plateau":
-            sched.step(monitored)
-        if aux is not None:
-            extra["loc_loss"] = tot_aux / seen
-        rec = {"stage": stage, "epoch": epoch, "loss": tot / seen, "accuracy": correct / seen,
-               "val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc,
-               "lr": lr_used, **extra,
-               "seconds": round(time.time() - t0, 2)}
-        history.append(rec)
+        return {"loss": tot / seen, "accuracy": correct / seen, "lr": lr_used,
+                "aux_sum": tot_aux, "seen": seen}
+
+    def _loss(self, xb: torch.Tensor, yb: torch.Tensor, y_batch: np.ndarray, mine: np.ndarray,
+              epoch: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(loss, logits, fracture-map loss or 0) of this rank's share of a batch."""
+        cfg, ctx, fn = self.rs.cfg, self.rs.ctx, self.loss_fn
+        if cfg.mixup:
+            lam, perm = float(np.random.beta(cfg.mixup, cfg.mixup)), torch.randperm(len(xb))
+            logits = self.net(lam * xb + (1 - lam) * xb[perm])
+            # The shuffle stays within this rank's share: the batch's labels are unchanged.
+            return (lam * ctx.loss(fn, logits, yb, y_batch)
+                    + (1 - lam) * ctx.loss(fn, logits, yb[perm], y_batch)), logits, 0.0
+        logits, maps = _split_outputs(self.net(xb))
+        loss = ctx.loss(fn, logits, yb, y_batch)
+        if self.spec.aux is None:
+            return loss, logits, 0.0
+        extra = self.spec.aux(maps, epoch, mine)
+        return loss + extra, logits, extra.item()
+
+    def _step(self, loss: torch.Tensor) -> float:
+        """One optimizer step (+ average, + one-cycle step); the rate it used."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update()
+        lr_used = self.opt.param_groups[0]["lr"]  # what the history reports: the epoch's last
+        if self.spec.schedule == "onecycle":
+            self.sched.step()
+        return lr_used
+
+    def validate(self) -> tuple[dict[str, float], bool]:
+        """Validate the epoch's weights (with EMA the average; the trained weights' AUC as
+        ``val_auc_raw``), step early stopping and the plateau schedule, and save an improvement
+        as the stage's best. Returns (metrics, improved), identical on every rank."""
+        s = self.rs
+        s.model.eval()
+        raw = {}
+        if self.ema is not None:
+            s.ctx.sync_buffers(self.ema.avg)
+            raw["val_auc_raw"] = self._measure()[2]  # the trained weights themselves, for the log
+        with self.ema.swapped() if self.ema is not None else nullcontext():
+            val_loss, val_acc, val_auc = self._measure()
+            monitored = _monitored({"val_loss": val_loss, "val_auc": val_auc}, s.cfg)
+            improved = self.stopper.step(monitored)
+            if improved and s.ctx.is_main:
+                save_tensors(s.model.state_dict(), self.best_path)
+        if self.spec.schedule == "plateau":
+            self.sched.step(monitored)
+        return {"val_loss": val_loss, "val_accuracy": val_acc, "val_auc": val_auc, **raw}, improved
+
+    @torch.inference_mode()
+    def _measure(self) -> tuple[float, float, float]:
+        """(loss, accuracy, ROC-AUC) of the weights in ``model`` on the validation inputs."""
+        ctx, (val_x, val_y) = self.rs.ctx, self.spec.val
+        yv = ctx.tensor(val_y)
+        vl = ctx.gather_rows(lambda a: _logits(self.evaluate(ctx.tensor(a))), val_x, 256)
+        auc = roc_auc(val_y, (vl[:, 1] - vl[:, 0]).cpu().numpy())
+        acc = float((vl.argmax(1) == yv).float().mean())
+        return ctx.broadcast(float(self.val_loss_fn(vl, yv))), acc, ctx.broadcast(auc)
+
+    def _record(self, epoch: int, trained: dict, val: dict, improved: bool) -> dict:
+        """The epoch's history row, appended and printed."""
+        extra = {k: val[k] for k in ("val_auc_raw",) if k in val}
+        if self.spec.aux is not None:
+            extra["loc_loss"] = trained["aux_sum"] / trained["seen"]
+        rec = {"stage": self.spec.name, "epoch": epoch, "loss": trained["loss"],
+               "accuracy": trained["accuracy"], "val_loss": val["val_loss"],
+               "val_accuracy": val["val_accuracy"], "val_auc": val["val_auc"],
+               "lr": trained["lr"], **extra, "seconds": round(time.time() - self.t0, 2)}
+        self.history.append(rec)
         raw = f" (raw {extra['val_auc_raw']:.4f})" if "val_auc_raw" in extra else ""
         raw += f" | loc_loss {extra['loc_loss']:.4f}" if "loc_loss" in extra else ""
-        print(f"{stage} epoch {epoch}: loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} | "
-              f"val_loss {val_loss:.4f} val_acc {val_acc:.3f} val_auc {val_auc:.4f}{raw} | "
-              f"lr {rec['lr']:.1e} | {rec['seconds']:.0f}s{'  *best*' if improved else ''}",
-              flush=True)
-        if ctx.is_main:
-            _save_checkpoint(run, stage, epoch, trainable, model, opt, sched, stopper, history,
-                             ema)
-            _write_history(run, history)
-    ctx.log_replica(model, stage)
-    _restore_best(model, best_path, start_from, ctx)
-    return history
+        print(f"{rec['stage']} epoch {epoch}: loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} | "
+              f"val_loss {rec['val_loss']:.4f} val_acc {rec['val_accuracy']:.3f} val_auc "
+              f"{rec['val_auc']:.4f}{raw} | lr {rec['lr']:.1e} | {rec['seconds']:.0f}s"
+              f"{'  *best*' if improved else ''}", flush=True)
+        return rec
+
+    def checkpoint(self, epoch: int, record: dict) -> None:
+        """Rank 0: the resumable state after ``epoch`` and the history so far (``record`` is
+        its last row)."""
+        s = self.rs
+        if s.ctx.is_main:
+            _save_checkpoint(s.run, self.spec.name, epoch, self.spec.trainable, s.model,
+                             self.opt, self.sched, self.stopper, self.history, self.ema)
+            _write_history(s.run, self.history)
 
 
 def _restore_best(model: nn.Module, best_path: Path, start_from: dict | None, ctx: Dist) -> None:
@@ -489,7 +571,8 @@ def _write_history(run: Path, history: list[dict]) -> None:
 
     write_json(run / "history.json", history)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    # Every key of every row: stages log different extras (loc_loss only while fine-tuning).
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for h in history for k in h)))
     w.writeheader()
     w.writerows(history)
     from bonefrac.utils import write_text
@@ -591,6 +674,20 @@ def _limit(samples, n):
     return [s for c in by for s in c[: max(1, n // 2)]]
 
 
+@dataclass
+class Cached:
+    """What the frozen network computed once for both stages (:class:`FeatureCache`)."""
+
+    cache: FeatureCache
+    # per training view: (lower-block activations, pooled features or None, box targets or None)
+    views: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]
+    val_act: np.ndarray
+    pooled_val: np.ndarray | None  # None without stage 1
+    y_train: np.ndarray
+    y_val: np.ndarray
+    loc_mask: np.ndarray  # per training image: whether its fracture map is scored
+
+
 def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False,
           index: DatasetIndex | None = None, finalize: bool = True,
           device: str = "auto") -> Path:
@@ -602,8 +699,25 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     process is one rank of a DDP job (:mod:`bonefrac.training.distributed`).
     """
     t_start = time.time()
-    run = Path(out)
-    ctx = setup(device)
+    run, ctx = Path(out), setup(device)
+    index = _start_run(data, run, cfg, ctx, index, resume)
+    model, boxes = _build_model(data, cfg, ctx)
+    gray, kept_train = _decode(index, cfg, model.preprocessing.size)
+    cached = _cache_views(model, cfg, ctx, index, gray, kept_train, boxes)
+    weights = torch.tensor(class_weights(cached.y_train), dtype=torch.float32, device=ctx.device)
+    print(f"class weights (non_fractured, fractured): {weights.tolist()}")
+    rs = RunSetup(cfg, model, run, ctx, weights, resume)
+    history = _stage1(rs, cached)
+    _stage2(rs, cached, history)
+    elapsed = _save_model(rs, index, t_start)
+    if finalize and ctx.is_main:
+        _finalize(run, index, cfg, t_start, elapsed)
+    return run
+
+
+def _start_run(data: str | Path, run: Path, cfg: TrainConfig, ctx: Dist,
+               index: DatasetIndex | None, resume: bool) -> DatasetIndex:
+    """Refuse what cannot work, seed, index the data and (rank 0) write ``config.json``."""
     if cfg.batch_size < ctx.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it cannot be "
                          f"split over {ctx.world} processes")
@@ -622,7 +736,13 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
                                          "data_fingerprint": index.fingerprint(),
                                          "split_source": index.source,
                                          "device": str(ctx.device), "world_size": ctx.world})
+    return index
 
+
+def _build_model(data: str | Path, cfg: TrainConfig, ctx: Dist
+                 ) -> tuple[FractureNet, dict[str, np.ndarray] | None]:
+    """(the network on this rank's device, the boxes that supervise its fracture-map head or
+    None); warm-started and resized as ``cfg`` says."""
     boxes = _training_boxes(data, cfg)
     if boxes is not None and cfg.mixup:
         raise ValueError("--mixup cannot be combined with box supervision (use --loc-weight 0)")
@@ -631,11 +751,14 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     if cfg.init_from:
         warm_start(model, cfg.init_from)
     if cfg.size:
-        from dataclasses import replace
-
         model.preprocessing = replace(model.preprocessing, size=cfg.size)
-    model = ctx.place(model)
-    size = model.preprocessing.size
+    return ctx.place(model), boxes
+
+
+def _decode(index: DatasetIndex, cfg: TrainConfig, size: int
+            ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list]:
+    """({split: (images decoded to ``size``, labels)} for train and val, the kept training
+    samples). Decoded once, cached on disk; unreadable files are skipped and listed."""
     gray, kept_train = {}, []
     for sp in ("train", "val"):
         imgs, kept, skipped = decode_all(_limit(index.split(sp), cfg.max_images), size,
@@ -645,8 +768,14 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
         kept_train = kept if sp == "train" else kept_train
     for f, r in index.skipped:
         print(f"skipped {f}: {r}")
+    return gray, kept_train
 
-    lower, top = model.split_at(cfg.unfreeze_blocks)
+
+def _cache_views(model: FractureNet, cfg: TrainConfig, ctx: Dist, index: DatasetIndex,
+                 gray: dict[str, tuple[np.ndarray, np.ndarray]], kept_train: list,
+                 boxes: dict[str, np.ndarray] | None) -> Cached:
+    """Freeze the backbone and run its frozen part once per view (each job by one rank)."""
+    lower, _ = model.split_at(cfg.unfreeze_blocks)
     for p in model.features.parameters():
         p.requires_grad_(False)
     train_boxes, loc_mask = _image_boxes(kept_train, boxes)
@@ -657,71 +786,88 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     pooled_too = cfg.epochs_frozen > 0  # stage 1 trains on pooled features; skip them if none
     jobs = [("train", v, train_boxes) for v in range(cfg.views)] + [("val", 0, None)]
     ctx.spread([partial(cache.get, sp, gray[sp][0], v, cfg.batch_size, b, pooled_too)
-                for sp, v, b in jobs])  # each job by one rank
-    cached = [cache.get("train", gray["train"][0], v, cfg.batch_size, train_boxes, pooled_too)
-              for v in range(cfg.views)]
-    views = [act for act, _, _ in cached]
+                for sp, v, b in jobs])
+    views = [cache.get("train", gray["train"][0], v, cfg.batch_size, train_boxes, pooled_too)
+             for v in range(cfg.views)]
     val_act, pooled_val, _ = cache.get("val", gray["val"][0], 0, cfg.batch_size, None,
                                        pooled_too)
     print(f"cached activations of {len(lower)} frozen blocks for {cfg.views} view(s) in "
           f"{time.time() - t_feat:.0f}s", flush=True)
-    ytr, yv = gray["train"][1], gray["val"][1]
-    weights = torch.tensor(class_weights(ytr), dtype=torch.float32, device=ctx.device)
-    print(f"class weights (non_fractured, fractured): {weights.tolist()}")
+    return Cached(cache, views, val_act, pooled_val, gray["train"][1], gray["val"][1], loc_mask)
 
-    # Stage 1: the head on pooled features of the frozen network, the first views together.
-    pooled = np.concatenate([p for _, p, _ in cached if p is not None] or [np.zeros((0, 1))])
-    y_all = np.tile(ytr, len(pooled) // len(ytr))
+
+def _stage1(rs: RunSetup, cached: Cached) -> list[dict]:
+    """Stage 1: the head on pooled features of the frozen network, the first views together.
+    Returns the history (with ``--resume``, the run's history so far plus this stage)."""
+    cfg, head = rs.cfg, rs.model.head
+    pooled = np.concatenate([p for _, p, _ in cached.views if p is not None]
+                            or [np.zeros((0, 1))])
+    y_all = np.tile(cached.y_train, len(pooled) // len(cached.y_train))
     history: list[dict] = []
-    if (run / "history.json").exists() and resume:
-        history = json.loads((run / "history.json").read_text())
-    history = _fit_stage("frozen", model, model.head, model.head.forward_pooled,
-                         lambda e: pooled, lambda e: y_all, pooled_val, yv,
-                         epochs=cfg.epochs_frozen, lr=cfg.lr_frozen, cfg=cfg, weights=weights,
-                         run=run, history=history, resume=resume, ctx=ctx)
+    if (rs.run / "history.json").exists() and rs.resume:
+        history = json.loads((rs.run / "history.json").read_text())
+    spec = StageSpec("frozen", head, head.forward_pooled, lambda e: (pooled, y_all),
+                     (cached.pooled_val, cached.y_val), epochs=cfg.epochs_frozen,
+                     lr=cfg.lr_frozen)
+    return Stage(spec, rs, history).run()
 
-    # Stage 2: fine-tune the top blocks on one cached view per epoch (a fresh one while they last),
-    # once per peak rate, each time from stage 1's best weights; several runs are averaged.
-    if cfg.unfreeze_blocks > 0 and cfg.epochs_finetune > 0:
-        for p in top.parameters():
-            p.requires_grad_(True)
-        trainable = nn.ModuleList([top, model.head, *([model.loc] if model.loc else [])])
-        forward, aux = (lambda x: model.head(top(x))), None
-        if model.loc is not None:
-            forward = partial(_forward_with_loc, model, top)
-            aux = LocLoss([t for _, _, t in cached], loc_mask, cfg, ctx.device)
-            print(f"box supervision: fracture-map loss weight {cfg.loc_weight} on "
-                  f"{int(loc_mask.sum())} of {len(loc_mask)} training images "
-                  f"(grid {cache.grid()}); fractured images without a box are not scored")
-        stage1 = _copy_state(model)
-        ingredients = []
-        for k, lr in enumerate((cfg.lr_finetune, *cfg.soup_lrs)):
-            history = _fit_stage(
-                "finetune" if k == 0 else f"finetune{k + 1}", model, trainable,
-                forward, lambda e: views[(e - 1) % cfg.views],
-                lambda e: ytr, val_act, yv, epochs=cfg.epochs_finetune, lr=lr, cfg=cfg,
-                weights=weights, run=run, history=history, resume=resume, ctx=ctx,
-                schedule=cfg.schedule, start_from=stage1, aux=aux)
-            ingredients.append(_copy_state(model))
-        if len(ingredients) > 1:
-            model.load_state_dict(average_weights(ingredients))
-            z = run_blocks(nn.Sequential(top, model.head), val_act, cfg.batch_size)
-            print(f"model soup of {len(ingredients)} fine-tuning runs: val_auc "
-                  f"{roc_auc(yv, z[:, 1] - z[:, 0]):.4f}", flush=True)
-    for p in model.parameters():
+
+def _stage2(rs: RunSetup, cached: Cached, history: list[dict]) -> list[dict]:
+    """Stage 2: fine-tune the top blocks (+ head, + fracture-map head) on one cached view per
+    epoch (a fresh one while they last), once per peak rate, each time from stage 1's best
+    weights; several runs' weights are averaged (a model soup)."""
+    cfg, model = rs.cfg, rs.model
+    if cfg.unfreeze_blocks <= 0 or cfg.epochs_finetune <= 0:
+        return history
+    _, top = model.split_at(cfg.unfreeze_blocks)  # the blocks the cached activations feed
+    for p in top.parameters():
         p.requires_grad_(True)
-    model.eval()
+    trainable = nn.ModuleList([top, model.head, *([model.loc] if model.loc else [])])
+    forward, aux = (lambda x: model.head(top(x))), None
+    if model.loc is not None:
+        forward = partial(_forward_with_loc, model, top)
+        aux = LocLoss([t for _, _, t in cached.views], cached.loc_mask, cfg, rs.ctx.device)
+        print(f"box supervision: fracture-map loss weight {cfg.loc_weight} on "
+              f"{int(cached.loc_mask.sum())} of {len(cached.loc_mask)} training images "
+              f"(grid {cached.cache.grid()}); fractured images without a box are not scored")
+    stage1 = _copy_state(model)
+    ingredients = []
+    for k, lr in enumerate((cfg.lr_finetune, *cfg.soup_lrs)):
+        spec = StageSpec("finetune" if k == 0 else f"finetune{k + 1}", trainable, forward,
+                         lambda e: (cached.views[(e - 1) % cfg.views][0], cached.y_train),
+                         (cached.val_act, cached.y_val), epochs=cfg.epochs_finetune, lr=lr,
+                         schedule=cfg.schedule, start_from=stage1, aux=aux)
+        history = Stage(spec, rs, history).run()
+        ingredients.append(_copy_state(model))
+    if len(ingredients) > 1:
+        model.load_state_dict(average_weights(ingredients))
+        z = run_blocks(nn.Sequential(top, model.head), cached.val_act, cfg.batch_size)
+        print(f"model soup of {len(ingredients)} fine-tuning runs: val_auc "
+              f"{roc_auc(cached.y_val, z[:, 1] - z[:, 0]):.4f}", flush=True)
+    return history
+
+
+def _save_model(rs: RunSetup, index: DatasetIndex, t_start: float) -> float:
+    """Rank 0 writes ``model.safetensors`` + ``model.json``; every rank returns once it has.
+    Returns the seconds since ``t_start``."""
+    for p in rs.model.parameters():
+        p.requires_grad_(True)
+    rs.model.eval()
     elapsed = time.time() - t_start
-    if ctx.is_main:
-        save_run_model(model, run / "model.safetensors", {
+    if rs.ctx.is_main:
+        save_run_model(rs.model, rs.run / "model.safetensors", {
             "classes": ["non_fractured", "fractured"], "positive_class": 1,
             "train_seconds": round(elapsed, 1), "data_fingerprint": index.fingerprint()})
-        print(f"trained {cfg.arch} in {elapsed / 60:.1f} min -> {run}", flush=True)
-    ctx.barrier()  # the other ranks return once the model is written
-    if finalize and ctx.is_main:
-        from bonefrac.training.fit import finalize_run
+        print(f"trained {rs.cfg.arch} in {elapsed / 60:.1f} min -> {rs.run}", flush=True)
+    rs.ctx.barrier()  # the other ranks return once the model is written
+    return elapsed
 
-        finalize_run(run, index, cfg.threshold_policy)
-        took = time.time() - t_start - elapsed
-        print(f"threshold, calibration and Results/ written in {took:.0f}s", flush=True)
-    return run
+
+def _finalize(run: Path, index: DatasetIndex, cfg: TrainConfig, t_start: float,
+              elapsed: float) -> None:
+    """Threshold and operating points, calibration and ``Results/`` (validation only)."""
+    from bonefrac.training.fit import finalize_run
+
+    finalize_run(run, index, cfg.threshold_policy)
+    took = time.time() - t_start - elapsed
+    print(f"threshold, calibration and Results/ written in {took:.0f}s", flush=True)
