@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
 from bonefrac.evaluation.report import METRIC_ROWS
+from bonefrac.inference.model_folder import ModelFolder
 from bonefrac.utils import write_text
 
 # Data sets whose provenance we have checked, keyed by a marker found in the data folder's
@@ -114,19 +115,11 @@ def load_inputs(model_dir: str | Path, results_dir: str | Path | None = None,
         data_dir: the training data folder, for the card's data section; default: the path
             recorded in the model's ``fitted_on``, used only if it exists here.
     Raises:
-        FileNotFoundError / ValueError with a one-line message naming the file.
+        ModelFileError: not a model folder, or its meta unreadable; FileNotFoundError /
+            ValueError for a broken results file, each with a one-line message naming it.
     """
-    from bonefrac.inference.ensemble import META_NAME, run_meta_as_ensemble
-
-    root = Path(model_dir)
-    if (root / META_NAME).is_file():
-        meta, is_run = _read_json(root / META_NAME), False
-    elif (root / "model.json").is_file():
-        _read_json(root / "model.json")  # one clear line if it is broken
-        meta, is_run = run_meta_as_ensemble(root), True
-    else:
-        raise FileNotFoundError(f"{root}: no {META_NAME} or model.json - not a bonefrac model "
-                                "folder")
+    folder = ModelFolder.open(model_dir)
+    root, meta, is_run = folder.root, folder.meta, folder.is_run
     res = Path(results_dir) if results_dir else root / "Results"
     metrics = _read_json(res / "metrics.json") if (res / "metrics.json").is_file() else None
     if metrics is None:

@@ -646,20 +646,17 @@ def warm_start(model: FractureNet, source: str | Path) -> Path:
 
 
 def _member_weights(source: Path, arch: str) -> Path:
-    from bonefrac.inference.ensemble import META_NAME, _check_file
+    """The safetensors file to warm-start ``arch`` from: ``source`` itself, or the ``arch``
+    member of the model folder ``source`` (checked against its recorded sha256)."""
+    from bonefrac.inference.model_folder import ModelFolder
 
     if source.is_file():
         return source
-    if (source / META_NAME).is_file():
-        meta = json.loads((source / META_NAME).read_text())
-        spec = next((m for m in meta["members"] if m["arch"] == arch), None)
-        if spec is None:
-            raise ValueError(f"{source}: no {arch} member to warm-start from")
-        _check_file(source / spec["weights"], spec.get("weights_sha256"))
-        return source / spec["weights"]
-    if (source / "model.safetensors").is_file():
-        return source / "model.safetensors"
-    raise ValueError(f"{source}: not a weights file, run folder or ensemble folder")
+    folder = ModelFolder.open(source)
+    spec = next((m for m in folder.members if m["arch"] == arch), None)
+    if spec is None:
+        raise ValueError(f"{source}: no {arch} member to warm-start from")
+    return folder.member_file(spec, "weights")
 
 
 def _digest(data: bytes) -> str:
