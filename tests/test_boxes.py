@@ -105,3 +105,42 @@ def test_peak_and_box_of_a_bright_spot_are_fractions_of_the_original_image():
     assert x0 <= 0.75 <= x1 and y0 <= 0.25 <= y1
     assert (x1 - x0) < 0.35 and (y1 - y0) < 0.35
     assert loc.score[0] == pytest.approx(cam.max(), rel=0.05)
+
+
+def test_predicted_peak_and_box_are_fractions_of_the_original_non_square_file(tmp_path):
+    """End to end through a real ONNX member and ``bonefrac predict``'s batch path: the member's
+    heat map is its input average-pooled to the feature grid, so on a 500x300 file with one
+    bright spot the row's peak and box must land on the spot, in the original image's
+    fractions (the stretch to the square input must be undone, not the square's)."""
+    import json
+
+    from PIL import Image
+
+    from bonefrac.inference import Ensemble
+    from bonefrac.inference.predict import predict_batch
+    from bonefrac.utils import sha256_file
+
+    class SpotMap(torch.nn.Module):
+        def forward(self, x):
+            cam = torch.nn.functional.avg_pool2d(x[:, :1], 32)[:, 0]  # (N, 7, 7) at 224 px
+            return torch.zeros(len(x), 2) + cam.mean() * 0, cam
+
+    torch.onnx.export(SpotMap(), (torch.zeros(1, 3, 224, 224),), str(tmp_path / "m.onnx"),
+                      input_names=["input"], output_names=["logits", "cam"],
+                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}, "cam": {0: "n"}},
+                      opset_version=17, dynamo=False)
+    pre = {"size": 224, "mean": [0, 0, 0], "std": [1, 1, 1]}
+    (tmp_path / "ensemble_meta.json").write_text(json.dumps({
+        "format": "bonefrac-ensemble/1", "model_id": "spot", "threshold": 0.5,
+        "members": [{"name": "spot", "arch": "spot", "onnx": "m.onnx",
+                     "onnx_sha256": sha256_file(tmp_path / "m.onnx"), "preprocessing": pre,
+                     "heatmap": "fracture_map", "fusion_weight": 1.0}]}))
+    img = np.full((300, 500), 20, np.uint8)
+    img[60:90, 350:400] = 255  # centre (0.75, 0.25) of the 500x300 image
+    Image.fromarray(img).save(tmp_path / "spot.png")
+    rows, errors = predict_batch(Ensemble.load(tmp_path), [tmp_path / "spot.png"])
+    assert not errors
+    r = rows[0]
+    assert (r["peak_x"], r["peak_y"]) == pytest.approx((0.75, 0.25), abs=1 / 14)
+    assert r["box_x0"] <= 0.75 <= r["box_x1"] and r["box_y0"] <= 0.25 <= r["box_y1"]
+    assert r["box_x1"] - r["box_x0"] < 0.4 and r["box_y1"] - r["box_y0"] < 0.4
