@@ -246,7 +246,7 @@ def test_save_overlay_writes_the_figure(tmp_path):
           "box": (0.1, 0.2, 0.5, 0.9), "peak": (0.3, 0.5)}
     src = Path("/data/scans/knee.left.jpg")
     path = save_overlay(gray, _peaked_cam(), tmp_path, src, **kw)
-    assert re.fullmatch(r"knee\.left_[0-9a-f]{8}_gradcam\.png", path.name)
+    assert re.fullmatch(r"knee\.left_[0-9a-f]{8}_heatmap\.png", path.name)
     assert path.parent == tmp_path and sorted(tmp_path.iterdir()) == [path]  # no temp file left
     assert path.read_bytes() == heatmap_png(gray, _peaked_cam(), **kw)
     assert Image.open(path).size == _figure(gray, _peaked_cam(), 0.2, 0.5, box=kw["box"],

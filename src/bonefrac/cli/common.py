@@ -55,10 +55,12 @@ def check_writable(out: Path) -> None:
     except OSError as e:
         raise CLIError(f"output folder {out} is not writable: {e.strerror or e}") from None
 
+
 def add_model_arg(p, help_extra: str = "") -> None:
     p.add_argument("--model", default=None, metavar="DIR",
-                   help="model folder (ensemble or training run), or 'ensemble' / 'baseline' "
-                        f"for the shipped models; default: the shipped ensemble. {help_extra}")
+                   help="model folder (ensemble or training run), or a shipped model: "
+                        "'ensemble' (v2, 320 px), 'ensemble-224' (v1) or 'baseline'; default: "
+                        f"'ensemble'. {help_extra}")
 
 
 def add_policy_arg(p) -> None:

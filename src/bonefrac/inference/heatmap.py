@@ -204,16 +204,16 @@ def heatmap_png(gray: np.ndarray, cam: np.ndarray, *, prob: float, threshold: fl
 
 
 def overlay_name(source: Path) -> str:
-    """``<stem>_<hash8>_gradcam.png`` (the hash of the full path keeps names unique)."""
+    """``<stem>_<hash8>_heatmap.png`` (the hash of the full path keeps names unique)."""
     tag = hashlib.sha1(str(source).encode()).hexdigest()[:8]
-    return f"{Path(source).stem}_{tag}_gradcam.png"
+    return f"{Path(source).stem}_{tag}_heatmap.png"
 
 
 def save_overlay(gray: np.ndarray, cam: np.ndarray, out_dir: Path, source: Path, *,
                  prob: float, threshold: float, decision: str,
                  box: Sequence[float] | None = None,
                  peak: Sequence[float] | None = None) -> Path:
-    """Write the :func:`render_overlay` figure to ``out_dir/<stem>_<hash8>_gradcam.png``
+    """Write the :func:`render_overlay` figure to ``out_dir/<stem>_<hash8>_heatmap.png``
     atomically and return its path."""
     path = Path(out_dir) / overlay_name(Path(source))
     with atomic_write(path, "wb") as f:
