@@ -14,7 +14,7 @@ from dataclasses import FrozenInstanceError, fields
 
 import numpy as np
 import pytest
-from helpers import ROOT, SHIPPED_ENSEMBLE, real_images
+from helpers import ROOT, SHIPPED_ENSEMBLE, SHIPPED_V2, real_images
 from PIL import Image
 
 import bonefrac
@@ -26,7 +26,7 @@ from bonefrac.data.io import ImageReadError, load_gray
 README_EXAMPLE = '''\
 import bonefrac
 
-model = bonefrac.load("ensemble")  # or "baseline", a model folder, or a training run folder
+model = bonefrac.load("ensemble")  # or "ensemble-224", "baseline", a model folder, a run folder
 result = model.predict("tests/data/fractured/image1_0_png.rf.d29cab92b154a83ca5bf7e40083673a2.jpg")
 print(result.prob_fractured, result.decision, result.decision_confirmation)
 '''
@@ -121,13 +121,14 @@ def test_operating_point_drives_decision(model):
 
 
 def test_load_accepts_short_names_and_folders():
-    assert bonefrac.load("ensemble").root == SHIPPED_ENSEMBLE
-    assert bonefrac.load(SHIPPED_ENSEMBLE).model_id == bonefrac.load().model_id
+    assert bonefrac.load("ensemble").root == SHIPPED_V2
+    assert bonefrac.load("ensemble-224").root == SHIPPED_ENSEMBLE
+    assert bonefrac.load(SHIPPED_V2).model_id == bonefrac.load().model_id
     assert bonefrac.inference.Ensemble.load("baseline").model_id.startswith("mobilenetv2")
 
 
 def test_cli_operating_point_column_and_json(tmp_path):
-    meta = json.loads((SHIPPED_ENSEMBLE / "ensemble_meta.json").read_text())
+    meta = json.loads((SHIPPED_V2 / "ensemble_meta.json").read_text())  # the default model
     t = meta["operating_points"]["confirmation"]["threshold"]
     data, rows = _cli_rows(tmp_path, *real_images(4), "--operating-point", "confirmation")
     assert data["operating_point"] == "confirmation"
