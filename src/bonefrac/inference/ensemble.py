@@ -21,16 +21,13 @@ import numpy as np
 from bonefrac import FRACTURE_MAP, GRADCAM
 from bonefrac.data.preprocess import Preprocessing
 from bonefrac.inference.calibration import calibrated_prob, fuse
-from bonefrac.inference.localise import Localisation, localise
+from bonefrac.inference.localise import Localisation, localise, upsample
 from bonefrac.inference.model_folder import (
     META_NAME,
     ModelFileError,
     ModelFolder,
     run_meta_as_ensemble,
 )
-
-# training/trainer.py imports the sha256 check under its old name from here.
-from bonefrac.inference.model_folder import check_file as _check_file  # noqa: F401
 
 # META_NAME, ModelFileError, fuse and run_meta_as_ensemble are re-exported: callers have always
 # imported them from this module.
@@ -144,12 +141,7 @@ def _member_map(m: Member, cam: np.ndarray) -> np.ndarray:
 
 
 def _resize_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if maps.shape[1:] == hw:
-        return maps
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(mp, np.float32), mode="F")
-                                .resize(hw[::-1], Image.BILINEAR)) for mp in maps])
+    return maps if maps.shape[1:] == hw else np.stack([upsample(mp, hw) for mp in maps])
 
 
 def _normalise_cam(cam: np.ndarray) -> np.ndarray:

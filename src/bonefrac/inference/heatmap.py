@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from bonefrac.inference.localise import upsample
 from bonefrac.utils import atomic_write
 
 ALPHA = 0.4  # the map's opacity at and above the threshold
@@ -57,8 +58,8 @@ def map_opacity(prob: float, threshold: float, alpha: float = ALPHA) -> float:
 
 def upsample_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``(h, w)`` map -> ``(H, W)`` float32 in [0, 1] for ``size = (W, H)``, bilinear."""
-    im = Image.fromarray(np.ascontiguousarray(np.clip(cam, 0, 1), np.float32), mode="F")
-    return np.clip(np.asarray(im.resize(size, Image.BILINEAR), np.float32), 0, 1)
+    w, h = size
+    return np.clip(upsample(np.clip(cam, 0, 1), (h, w)), 0, 1)
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = ALPHA) -> Image.Image:

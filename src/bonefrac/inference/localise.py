@@ -33,10 +33,12 @@ class Localisation:
     score: np.ndarray
 
 
-def upsample(cam: np.ndarray, size: int = LOC_SIZE) -> np.ndarray:
-    """``(h, w)`` map -> ``(size, size)`` float32, bilinear (pixel centres aligned)."""
+def upsample(cam: np.ndarray, size: int | tuple[int, int] = LOC_SIZE) -> np.ndarray:
+    """``(h, w)`` map -> ``(size, size)`` (or ``size = (H, W)``) float32, bilinear (pixel
+    centres aligned). The one map resizer of prediction, evaluation and overlays."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
     im = Image.fromarray(np.ascontiguousarray(cam, np.float32), mode="F")
-    return np.asarray(im.resize((size, size), Image.BILINEAR), np.float32)
+    return np.asarray(im.resize(hw[::-1], Image.BILINEAR), np.float32)
 
 
 def _region(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:

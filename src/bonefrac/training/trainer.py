@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +136,7 @@ class FeatureCache:
             src, moved = self._view(gray, view, boxes)
             if tpath:
                 tmp = tpath.with_name(f".{tpath.name}.{os.getpid()}.tmp.npy")
-                np.save(tmp, cell_targets(moved, self.grid()))
+                np.save(tmp, cell_targets(moved, self.grid))
                 publish(tmp, tpath)
             run = self._frozen_session()
             outs: list[list[np.ndarray]] = [[] for _ in kinds]
@@ -161,8 +161,9 @@ class FeatureCache:
             return augment_batch(gray, train_augmentation()), None
         return augment_with_boxes(gray, boxes, train_augmentation())
 
+    @cached_property
     def grid(self) -> tuple[int, int]:
-        """(h, w) of the last feature map at the model's input size."""
+        """(h, w) of the last feature map at the model's input size (one forward pass)."""
         size = self.model.preprocessing.size
         dev = next(self.model.parameters()).device
         with torch.no_grad():
@@ -826,7 +827,7 @@ def _stage2(rs: RunSetup, cached: Cached, history: list[dict]) -> list[dict]:
         aux = LocLoss([t for _, _, t in cached.views], cached.loc_mask, cfg, rs.ctx.device)
         print(f"box supervision: fracture-map loss weight {cfg.loc_weight} on "
               f"{int(cached.loc_mask.sum())} of {len(cached.loc_mask)} training images "
-              f"(grid {cached.cache.grid()}); fractured images without a box are not scored")
+              f"(grid {cached.cache.grid}); fractured images without a box are not scored")
     stage1 = _copy_state(model)
     ingredients = []
     for k, lr in enumerate((cfg.lr_finetune, *cfg.soup_lrs)):
