@@ -252,11 +252,6 @@ def _safe_stem(rel: str, limit: int = 60) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:limit]
 
 
-def _jet(v: np.ndarray) -> np.ndarray:
-    """[0, 1] -> RGB float in [0, 1], a jet-like ramp."""
-    return np.stack([np.clip(1.5 - np.abs(4 * v - k), 0, 1) for k in (3, 2, 1)], -1)
-
-
 def write_miss_png(path: Path, gray: np.ndarray, cam: np.ndarray, gt: np.ndarray,
                    peak: np.ndarray, box: np.ndarray, caption: str, scale: int = 2,
                    alpha: float = 0.4) -> None:
@@ -266,15 +261,14 @@ def write_miss_png(path: Path, gray: np.ndarray, cam: np.ndarray, gt: np.ndarray
     caption strip. All coordinates are fractions of the image."""
     from PIL import Image, ImageDraw
 
-    from bonefrac.inference.localise import upsample
+    from bonefrac.inference.heatmap import overlay
 
     side = gray.shape[0] * scale
-    m = np.clip(upsample(cam, side), 0, None)
+    m = np.clip(cam, 0, None)
     m = m / m.max() if m.max() > 0 else m
-    g = np.asarray(Image.fromarray(gray).resize((side, side), Image.BILINEAR), np.float32) / 255
-    rgb = (1 - alpha) * g[..., None] + alpha * _jet(m)
+    g = np.asarray(Image.fromarray(gray).resize((side, side), Image.BILINEAR))
     im = Image.new("RGB", (side, side + 18), (20, 22, 25))
-    im.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (0, 0))
+    im.paste(overlay(g, m, alpha), (0, 0))
     d = ImageDraw.Draw(im)
 
     def px(b: np.ndarray) -> list[float]:
