@@ -227,17 +227,18 @@ def near_duplicate_groups(paths: Sequence[Path], max_bits: int = 8) -> list[str]
     return [f"phash_{find(i):06d}" for i in range(len(paths))]
 
 
-def decode_all(samples: Sequence[Sample], size: int, *, desc: str = "decoding",
-               cache_dir: str | os.PathLike | None = None
+def decode_all(samples: Sequence[Sample], size: int, *, resize: str = "stretch",
+               desc: str = "decoding", cache_dir: str | os.PathLike | None = None
                ) -> tuple[np.ndarray, list[Sample], list[tuple[str, str]]]:
-    """Decode samples to ``(N, size, size)`` uint8, skipping unreadable files.
+    """Decode samples to ``(N, size, size)`` uint8 (``resize``: stretch or letterbox),
+    skipping unreadable files.
 
     Returns (images, kept samples, skipped (file, reason)). With ``cache_dir`` the decoded array
     is kept in a ``.npz`` keyed by paths, sizes and mtimes, so later runs skip decoding.
     """
     from tqdm.auto import tqdm
 
-    key = hashlib.sha256(str(size).encode())
+    key = hashlib.sha256((str(size) if resize == "stretch" else f"{size}-{resize}").encode())
     for s in samples:
         st = s.path.stat() if s.path.exists() else None
         key.update(f"{s.path}|{st and st.st_size}|{st and st.st_mtime_ns}\n".encode())
@@ -251,7 +252,7 @@ def decode_all(samples: Sequence[Sample], size: int, *, desc: str = "decoding",
 
     def one(s: Sample):
         try:
-            return load_gray(s.path, size), None
+            return load_gray(s.path, size, resize), None
         except ImageReadError as e:
             return None, e.reason
 

@@ -30,10 +30,11 @@ from bonefrac.data.limits import (
     ImageRefused,
     check_dimensions,
 )
+from bonefrac.data.preprocess import letterbox_rect
 
 __all__ = ["DICOM_SUFFIXES", "DISPLAY_MAX_SIDE", "FORMATS", "IMAGE_SUFFIXES", "MAX_PIXELS",
            "MIN_SIDE", "ImageReadError", "ImageRefused", "check_dimensions", "decode_pil",
-           "load_gray", "open_formats"]
+           "image_size", "load_gray", "open_formats"]
 
 # Pillow raises its own DecompressionBombError above 2x MAX_PIXELS at open(); between 1x and 2x
 # it only warns, and decode_pil refuses those from the header, so its warning would only be noise.
@@ -83,11 +84,12 @@ def _to_8bit_gray(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
-def decode_pil(im: Image.Image, size: int | None) -> np.ndarray:
+def decode_pil(im: Image.Image, size: int | None, resize: str = "stretch") -> np.ndarray:
     """Pillow image -> ``(size, size)`` uint8 grayscale (EXIF-oriented, bilinear, antialiased).
 
     ``im`` may be lazily opened: its size is checked before any pixel is decoded.
     ``size=None``: the image's own aspect, longest side at most ``DISPLAY_MAX_SIDE``.
+    ``resize``: ``stretch`` or ``letterbox`` (see :mod:`bonefrac.data.preprocess`).
     """
     check_dimensions(im.width, im.height)
     if size is None:
@@ -105,10 +107,22 @@ def decode_pil(im: Image.Image, size: int | None) -> np.ndarray:
         target = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
         if target == gray.size:
             return np.asarray(gray, dtype=np.uint8)
+    elif resize == "letterbox":
+        return _letterbox(gray, size)
     return np.asarray(gray.resize(target, Image.BILINEAR), dtype=np.uint8)
 
 
-def gray_from_array(image: np.ndarray, size: int | None = 224) -> np.ndarray:
+def _letterbox(gray: Image.Image, size: int) -> np.ndarray:
+    """'L' image -> ``(size, size)`` uint8: aspect kept, longest side ``size``, black bars."""
+    x0, y0, x1, y1 = (round(v * size) for v in letterbox_rect(gray.width, gray.height))
+    out = np.zeros((size, size), np.uint8)
+    inner = gray.resize((max(1, x1 - x0), max(1, y1 - y0)), Image.BILINEAR)
+    out[y0:y0 + inner.height, x0:x0 + inner.width] = np.asarray(inner, dtype=np.uint8)
+    return out
+
+
+def gray_from_array(image: np.ndarray, size: int | None = 224, resize: str = "stretch"
+                    ) -> np.ndarray:
     """An image already in memory -> ``(size, size)`` uint8, as :func:`load_gray` makes it from
     a file holding the same pixels (same Pillow resize).
 
@@ -128,16 +142,17 @@ def gray_from_array(image: np.ndarray, size: int | None = 224) -> np.ndarray:
     elif a.dtype != np.uint8:
         raise ValueError(f"expected a uint8 or float array, got {a.dtype}")
     try:
-        return decode_pil(Image.fromarray(np.ascontiguousarray(a)), size)
+        return decode_pil(Image.fromarray(np.ascontiguousarray(a)), size, resize)
     except ImageRefused as e:
         raise ValueError(str(e)) from None
 
 
-def load_gray(path: str | os.PathLike, size: int | None = 224) -> np.ndarray:
+def load_gray(path: str | os.PathLike, size: int | None = 224, resize: str = "stretch"
+              ) -> np.ndarray:
     """Read an image or DICOM file and return it as a ``(size, size)`` uint8 array.
 
     ``size=None`` keeps the image's own size and aspect (for overlays), with the longest side
-    capped at ``DISPLAY_MAX_SIDE``.
+    capped at ``DISPLAY_MAX_SIDE``. ``resize``: ``stretch`` or ``letterbox``.
 
     The format comes from the content, so a PNG named ``.jpg`` or a DICOM file with no
     extension both work.
@@ -152,15 +167,15 @@ def load_gray(path: str | os.PathLike, size: int | None = 224) -> np.ndarray:
     try:
         _check_regular_file(p)
         if _is_dicom(p):
-            return decode_pil(_dicom_to_pil(p), size)
+            return decode_pil(_dicom_to_pil(p), size, resize)
         try:
             im = Image.open(p, formats=open_formats())
         except UnidentifiedImageError:
             if p.suffix.lower() in DICOM_SUFFIXES:  # DICOM without the 128-byte preamble
-                return decode_pil(_dicom_to_pil(p), size)
+                return decode_pil(_dicom_to_pil(p), size, resize)
             raise
         with im:
-            return decode_pil(im, size)
+            return decode_pil(im, size, resize)
     except ImageReadError:
         raise
     except ImageRefused as e:
@@ -185,6 +200,24 @@ def load_gray(path: str | os.PathLike, size: int | None = 224) -> np.ndarray:
         raise ImageReadError(p, reason) from None
     except Exception as e:  # a malformed file can trip any parser; never a traceback
         raise ImageReadError(p, f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(W, H)`` of the image as :func:`load_gray` orients it (EXIF rotation applied): from
+    the header where Pillow reads the format, else (DICOM) from the decoded pixels.
+
+    Raises:
+        ImageReadError: as :func:`load_gray`.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p, formats=open_formats()) as im:
+            w, h = im.size
+            swapped = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation: transposed
+        return (h, w) if swapped else (w, h)
+    except Exception:  # DICOM, or a file load_gray will name the problem of
+        h, w = load_gray(p, None).shape
+        return w, h
 
 
 def _check_regular_file(p: Path) -> None:

@@ -2,6 +2,11 @@
 
 A radiograph is decoded to ``(size, size)`` uint8 grayscale (:func:`bonefrac.data.io.load_gray`),
 scaled to [0, 1], replicated to 3 channels and normalised with the backbone's own statistics.
+
+Two ways to make the square: ``stretch`` (each side resized to ``size``: the seed's and v1/v2's)
+and ``letterbox`` (aspect kept, the longest side ``size``, centred on black). Heat maps, peaks and
+boxes are always reported in the original image's frame; :func:`letterbox_rect` says where the
+image lies in a letterboxed square.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # TF-ported EfficientNet-Lite weights expect inputs in [-1, 1].
 SYMMETRIC_MEAN = (0.5, 0.5, 0.5)
 SYMMETRIC_STD = (0.5, 0.5, 0.5)
+RESIZE_MODES = ("stretch", "letterbox")
 
 
 @dataclass(frozen=True)
@@ -24,14 +30,21 @@ class Preprocessing:
     size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "stretch"  # one of RESIZE_MODES
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
 
     def to_dict(self) -> dict:
-        return {"decode": "grayscale, EXIF-oriented, bilinear resize", "scale": "[0,1]",
-                **asdict(self)}
+        return {"decode": f"grayscale, EXIF-oriented, bilinear {self.resize} resize",
+                "scale": "[0,1]", **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+        """Models saved before ``resize`` existed were stretch-resized."""
+        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   resize=d.get("resize", "stretch"))
 
     def __call__(self, gray: np.ndarray) -> np.ndarray:
         """``(N, H, W)`` or ``(H, W)`` uint8 -> ``(N, 3, H, W)`` float32 normalised input."""
@@ -42,3 +55,19 @@ class Preprocessing:
         mean = np.asarray(self.mean, dtype=np.float32)[None, :, None, None]
         std = np.asarray(self.std, dtype=np.float32)[None, :, None, None]
         return (x - mean) / std
+
+
+def letterbox_rect(w: int, h: int) -> tuple[float, float, float, float]:
+    """Where a ``w`` x ``h`` image lies in its letterboxed square: ``(x0, y0, x1, y1)`` as
+    fractions of the square's side (the longest side fills it, the other is centred)."""
+    if w <= 0 or h <= 0:
+        raise ValueError(f"image size must be positive, got {w}x{h}")
+    fw, fh = (1.0, h / w) if w >= h else (w / h, 1.0)
+    return ((1 - fw) / 2, (1 - fh) / 2, (1 + fw) / 2, (1 + fh) / 2)
+
+
+def boxes_to_letterbox(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """``(K, 4)`` boxes as fractions of a ``w`` x ``h`` image -> fractions of its letterbox."""
+    x0, y0, x1, y1 = letterbox_rect(w, h)
+    scale = np.array([x1 - x0, y1 - y0] * 2, np.float32)
+    return np.asarray(boxes, np.float32) * scale + np.array([x0, y0] * 2, np.float32)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bonefrac.data.preprocess import RESIZE_MODES
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY
 
 
@@ -89,8 +90,11 @@ class TrainConfig:
         0.1, "share of the images in the test split, for a folder without manifest.csv")
     max_images: int | None = option(  # per split, for smoke tests
         None, "use at most N images per split (smoke tests); default: all")
-    size: int | None = option(  # override the backbone's input size (smoke tests)
-        None, "input size in pixels (square, stretch-resized); default: the backbone's own, 224")
+    size: int | None = option(  # override the backbone's input size
+        None, "input size in pixels (square); default: the backbone's own, 224")
+    resize: str = option(
+        "stretch", "how an image becomes the square input: stretch (each side to --size) or "
+        "letterbox (aspect kept, black bars)", choices=RESIZE_MODES)
     threshold_policy: str = option(
         DEFAULT_POLICY, "how to choose the decision threshold on the VALIDATION split: "
         "sensitivity:X, specificity:X, youden or fixed:X")

@@ -40,6 +40,8 @@ from torch import nn
 
 from bonefrac.data.boxes import cell_targets, dataset_boxes, read_boxes
 from bonefrac.data.dataset import DatasetIndex, decode_all, load_index
+from bonefrac.data.io import image_size
+from bonefrac.data.preprocess import Preprocessing, boxes_to_letterbox
 from bonefrac.evaluation.metrics import roc_auc
 from bonefrac.models import create_model
 from bonefrac.models.net import FractureNet, save_run_model
@@ -106,6 +108,8 @@ class FeatureCache:
         self.lower, self.top = model.split_at(cfg.unfreeze_blocks)
         parts = [cfg.arch, cfg.weights, model.n_blocks - cfg.unfreeze_blocks, cfg.seed,
                  cfg.size, fingerprint]
+        if cfg.resize != "stretch":  # stretch runs keep their cache keys
+            parts.append(cfg.resize)
         if cfg.init_from:  # warm-started frozen blocks compute other activations
             parts.append(_digest(_member_weights(Path(cfg.init_from), cfg.arch).read_bytes()))
         if boxes_digest:  # boxes change which augmentation draws are kept
@@ -617,14 +621,18 @@ def _training_boxes(data: str | Path, cfg: TrainConfig) -> dict[str, np.ndarray]
     return boxes
 
 
-def _image_boxes(samples, boxes: dict[str, np.ndarray] | None
+def _image_boxes(samples, boxes: dict[str, np.ndarray] | None, resize: str = "stretch"
                  ) -> tuple[list[np.ndarray] | None, np.ndarray]:
-    """Per sample its boxes (non-fractured: none) and whether the fracture map is scored on it:
-    non-fractured images always (all-zero target), fractured ones only with a box."""
+    """Per sample its boxes in the model input's frame (non-fractured: none) and whether the
+    fracture map is scored on it: non-fractured images always (all-zero target), fractured ones
+    only with a box."""
     if boxes is None:
         return None, np.zeros(len(samples), np.float32)
     empty = np.zeros((0, 4), np.float32)
     per = [boxes.get(s.rel, empty) if s.label == 1 else empty for s in samples]
+    if resize == "letterbox":  # boxes are fractions of the image, which fills only part
+        per = [boxes_to_letterbox(b, *image_size(s.path)) if len(b) else b
+               for s, b in zip(samples, per, strict=True)]
     mask = np.array([s.label == 0 or len(b) > 0 for s, b in zip(samples, per, strict=True)],
                     np.float32)
     return per, mask
@@ -700,7 +708,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     run, ctx = Path(out), setup(device)
     index = _start_run(data, run, cfg, ctx, index, resume)
     model, boxes = _build_model(data, cfg, ctx)
-    gray, kept_train = _decode(index, cfg, model.preprocessing.size)
+    gray, kept_train = _decode(index, cfg, model.preprocessing)
     cached = _cache_views(model, cfg, ctx, index, gray, kept_train, boxes)
     weights = torch.tensor(class_weights(cached.y_train), dtype=torch.float32, device=ctx.device)
     print(f"class weights (non_fractured, fractured): {weights.tolist()}")
@@ -750,17 +758,19 @@ def _build_model(data: str | Path, cfg: TrainConfig, ctx: Dist
         warm_start(model, cfg.init_from)
     if cfg.size:
         model.preprocessing = replace(model.preprocessing, size=cfg.size)
+    model.preprocessing = replace(model.preprocessing, resize=cfg.resize)
     return ctx.place(model), boxes
 
 
-def _decode(index: DatasetIndex, cfg: TrainConfig, size: int
+def _decode(index: DatasetIndex, cfg: TrainConfig, prep: Preprocessing
             ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list]:
-    """({split: (images decoded to ``size``, labels)} for train and val, the kept training
+    """({split: (images decoded as ``prep`` says, labels)} for train and val, the kept training
     samples). Decoded once, cached on disk; unreadable files are skipped and listed."""
     gray, kept_train = {}, []
     for sp in ("train", "val"):
-        imgs, kept, skipped = decode_all(_limit(index.split(sp), cfg.max_images), size,
-                                         desc=f"decoding {sp}", cache_dir=cache_dir() / "decoded")
+        imgs, kept, skipped = decode_all(_limit(index.split(sp), cfg.max_images), prep.size,
+                                         resize=prep.resize, desc=f"decoding {sp}",
+                                         cache_dir=cache_dir() / "decoded")
         index.skipped += skipped
         gray[sp] = (imgs, np.array([s.label for s in kept], dtype=np.int64))
         kept_train = kept if sp == "train" else kept_train
@@ -776,7 +786,7 @@ def _cache_views(model: FractureNet, cfg: TrainConfig, ctx: Dist, index: Dataset
     lower, _ = model.split_at(cfg.unfreeze_blocks)
     for p in model.features.parameters():
         p.requires_grad_(False)
-    train_boxes, loc_mask = _image_boxes(kept_train, boxes)
+    train_boxes, loc_mask = _image_boxes(kept_train, boxes, model.preprocessing.resize)
     cache = FeatureCache(model, cfg, index.fingerprint(),
                          _digest(json.dumps([b.tolist() for b in train_boxes]).encode())
                          if boxes is not None else None)
