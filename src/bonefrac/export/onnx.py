@@ -1,7 +1,10 @@
-"""ONNX export: one graph per member with outputs ``logits`` (N, 2) and ``cam`` (N, h, w).
+"""ONNX export: one graph per member with outputs ``logits`` (N, 2), ``cam`` (N, h, w) and
+``pooled`` (N, C).
 
-The CAM output is the closed-form Grad-CAM of the fracture logit (see ``Head.cam_weights``), so
-``bonefrac predict --explain`` needs no autograd and no torch.
+The CAM output is the fracture map or the closed-form Grad-CAM of the fracture logit (see
+``Head.cam_weights``), so ``bonefrac predict --explain`` needs no autograd and no torch. ``pooled``
+(the globally averaged last feature map, the head's input) feeds the input-domain gate
+(:mod:`bonefrac.inference.domain`); fetching it costs nothing, it is computed anyway.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from bonefrac.utils import publish, sha256_file, write_json
 OPSET = 17
 
 
+OUTPUT_NAMES = ["logits", "cam", "pooled"]
+
+
 class _WithCam(nn.Module):
     def __init__(self, model: FractureNet):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_cam(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_outputs(x)
 
 
 def export_member(model: FractureNet, path: str | Path) -> str:
@@ -37,9 +43,8 @@ def export_member(model: FractureNet, path: str | Path) -> str:
     tmp = path.with_name(f".{path.name}.tmp")
     # The TorchScript-based exporter: 2 s here vs ~25 s for the dynamo exporter, same numerics.
     torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(tmp),
-                      input_names=["input"], output_names=["logits", "cam"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"},
-                                    "cam": {0: "batch"}},
+                      input_names=["input"], output_names=OUTPUT_NAMES,
+                      dynamic_axes={k: {0: "batch"} for k in ["input", *OUTPUT_NAMES]},
                       opset_version=OPSET, dynamo=False)
     publish(tmp, path)
     return sha256_file(path)

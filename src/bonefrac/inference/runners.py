@@ -37,10 +37,11 @@ def session_options(threads: int | None = None):
 
 
 class OnnxRunner:
-    """One ONNX member: ``(N, 3, H, W)`` float32 -> logits ``(N, 2)`` and Grad-CAM ``(N, h, w)``.
+    """One ONNX member: ``(N, 3, H, W)`` float32 -> logits ``(N, 2)``, heat map ``(N, h, w)`` and
+    (graphs exported since the domain gate) pooled features ``(N, C)``.
 
-    The graph has two outputs; the CAM costs < 0.1 % of the FLOPs, so one graph serves both
-    plain and explained prediction. ``run`` may be called from
+    The map costs < 0.1 % of the FLOPs, so one graph serves both plain and explained
+    prediction. ``run`` may be called from
     several threads at once (ONNX Runtime sessions are thread-safe and release the GIL).
     """
 
@@ -54,7 +55,20 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    @property
+    def has_pooled(self) -> bool:
+        """Whether the graph emits the pooled features (exports before the domain gate do not)."""
+        return "pooled" in self.output_names
+
     def run(self, x: np.ndarray, want_cam: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        names = self.output_names if want_cam else self.output_names[:1]
+        logits, cam, _ = self.run_outputs(x, want_cam)
+        return logits, cam
+
+    def run_outputs(self, x: np.ndarray, want_cam: bool = False, want_pooled: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Logits ``(N, 2)``, the map ``(N, h, w)`` if asked for and the pooled features
+        ``(N, C)`` if asked for (and the graph has them), from one run of the graph."""
+        pooled = want_pooled and self.has_pooled
+        names = self.output_names[:1 + want_cam] + ["pooled"] * pooled  # logits, cam first
         outs = self.session.run(names, {self.input_name: np.ascontiguousarray(x, np.float32)})
-        return outs[0], (outs[1] if want_cam else None)
+        return outs[0], outs[1] if want_cam else None, outs[-1] if pooled else None

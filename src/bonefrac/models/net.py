@@ -101,13 +101,20 @@ class FractureNet(nn.Module):
         paper's Grad-CAM (the head averages the maps before its first layer); such maps are
         normalised to [0, 1] before display, so the scale is moot.
         """
+        logits, cam, _ = self.forward_outputs(x)
+        return logits, cam
+
+    def forward_outputs(self, x: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits ``(N, 2)``, the heat map ``(N, h, w)`` (see :meth:`forward_with_cam`) and the
+        pooled backbone features ``(N, C)`` that the input-domain gate measures."""
         fmap = self.features(x)
         pooled = fmap.mean(dim=(2, 3))
         logits = self.head.forward_pooled(pooled)
         if self.heatmap == FRACTURE_MAP:
-            return logits, torch.sigmoid(self.forward_loc(fmap))
+            return logits, torch.sigmoid(self.forward_loc(fmap)), pooled
         w = self.head.cam_weights(pooled)
-        return logits, torch.relu(torch.einsum("nc,nchw->nhw", w, fmap))
+        return logits, torch.relu(torch.einsum("nc,nchw->nhw", w, fmap)), pooled
 
     def split_at(self, n_trainable: int) -> tuple[nn.Sequential, nn.Sequential]:
         """(frozen lower blocks, top ``n_trainable`` blocks)."""

@@ -21,10 +21,18 @@ class TorchRunner:
         return cls(load_member(spec["arch"], spec["config"], root / spec["weights"],
                                spec["preprocessing"]))
 
-    @torch.inference_mode()
+    has_pooled = True
+
     def run(self, x: np.ndarray, want_cam: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        logits, cam, _ = self.run_outputs(x, want_cam)
+        return logits, cam
+
+    @torch.inference_mode()
+    def run_outputs(self, x: np.ndarray, want_cam: bool = False, want_pooled: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        if want_cam:
-            logits, cam = self.model.forward_with_cam(xt)
-            return logits.numpy(), cam.numpy()
-        return self.model(xt).numpy(), None
+        if want_cam or want_pooled:
+            logits, cam, pooled = self.model.forward_outputs(xt)
+            return (logits.numpy(), cam.numpy() if want_cam else None,
+                    pooled.numpy() if want_pooled else None)
+        return self.model(xt).numpy(), None, None
