@@ -107,11 +107,12 @@ def test_peak_and_box_of_a_bright_spot_are_fractions_of_the_original_image():
     assert loc.score[0] == pytest.approx(cam.max(), rel=0.05)
 
 
-def test_predicted_peak_and_box_are_fractions_of_the_original_non_square_file(tmp_path):
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_predicted_peak_and_box_are_fractions_of_the_original_non_square_file(tmp_path, resize):
     """End to end through a real ONNX member and ``bonefrac predict``'s batch path: the member's
     heat map is its input average-pooled to the feature grid, so on a 500x300 file with one
     bright spot the row's peak and box must land on the spot, in the original image's
-    fractions (the stretch to the square input must be undone, not the square's)."""
+    fractions (the stretch or the letterbox bars of the square input must be undone)."""
     import json
 
     from PIL import Image
@@ -122,14 +123,14 @@ def test_predicted_peak_and_box_are_fractions_of_the_original_non_square_file(tm
 
     class SpotMap(torch.nn.Module):
         def forward(self, x):
-            cam = torch.nn.functional.avg_pool2d(x[:, :1], 32)[:, 0]  # (N, 7, 7) at 224 px
+            cam = torch.nn.functional.avg_pool2d(x[:, :1], 16)[:, 0]  # (N, 14, 14) at 224 px
             return x[:, 0, 0, :2] * 0, cam  # logits (N, 2): unused here, dynamic batch
 
     torch.onnx.export(SpotMap(), (torch.zeros(1, 3, 224, 224),), str(tmp_path / "m.onnx"),
                       input_names=["input"], output_names=["logits", "cam"],
                       dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}, "cam": {0: "n"}},
                       opset_version=17, dynamo=False)
-    pre = {"size": 224, "mean": [0, 0, 0], "std": [1, 1, 1]}
+    pre = {"size": 224, "mean": [0, 0, 0], "std": [1, 1, 1], "resize": resize}
     (tmp_path / "ensemble_meta.json").write_text(json.dumps({
         "format": "bonefrac-ensemble/1", "model_id": "spot", "threshold": 0.5,
         "members": [{"name": "spot", "arch": "spot", "onnx": "m.onnx",
@@ -144,3 +145,42 @@ def test_predicted_peak_and_box_are_fractions_of_the_original_non_square_file(tm
     assert (r["peak_x"], r["peak_y"]) == pytest.approx((0.75, 0.25), abs=1 / 14)
     assert r["box_x0"] <= 0.75 <= r["box_x1"] and r["box_y0"] <= 0.25 <= r["box_y1"]
     assert r["box_x1"] - r["box_x0"] < 0.4 and r["box_y1"] - r["box_y0"] < 0.4
+
+
+def test_letterbox_keeps_the_aspect_and_maps_boxes_into_the_square(tmp_path):
+    """A 400x200 file letterboxed to 64 px: the image fills rows 16..48 (black bars above and
+    below), and a box given as fractions of the image lands on the same pixels of the square."""
+    from PIL import Image
+
+    from bonefrac.data.io import image_size, load_gray
+    from bonefrac.data.preprocess import boxes_to_letterbox, letterbox_rect
+
+    img = np.full((200, 400), 200, np.uint8)
+    img[100:150, 300:400] = 255  # box (0.75, 0.5, 1.0, 0.75) of the image
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    assert image_size(tmp_path / "wide.png") == (400, 200)
+    assert letterbox_rect(400, 200) == (0.0, 0.25, 1.0, 0.75)
+    sq = load_gray(tmp_path / "wide.png", 64, "letterbox")
+    assert sq.shape == (64, 64)
+    assert (sq[:16] == 0).all() and (sq[48:] == 0).all() and (sq[17:47] >= 199).all()
+    box = boxes_to_letterbox(np.array([[0.75, 0.5, 1.0, 0.75]]), 400, 200)[0]
+    assert box == pytest.approx([0.75, 0.5, 1.0, 0.625])
+    x0, y0, x1, y1 = (round(v * 64) for v in box)
+    assert (sq[y0 + 1:y1 - 1, x0 + 1:x1] == 255).all()  # the box's pixels are the bright ones
+    tall = load_gray(tmp_path / "wide.png", 64)  # stretch: the whole square is the image
+    assert (tall > 0).all()
+
+
+def test_from_letterbox_crops_the_bars_of_a_heat_map():
+    """A map over a letterboxed 2:1 image whose only hot cell is at the image's centre-right
+    comes back over the image alone, hot at the same place of the image."""
+    from bonefrac.inference.localise import from_letterbox
+
+    cam = np.zeros((1, 16, 16), np.float32)
+    cam[0, 7:9, 12:14] = 1.0  # square (0.81, 0.5): the image's (0.81, 0.5) as well
+    cam[0, :4] = 0.5  # the bar above the image: must be cropped away
+    out = from_letterbox(cam, np.array([2.0]))
+    assert out.shape == (1, 16, 16)
+    loc = localise(out)
+    assert loc.peak[0] == pytest.approx([0.81, 0.5], abs=0.05)
+    assert out[0, 0].max() < 0.6  # the bar's 0.5 is gone from the top row

@@ -24,6 +24,7 @@ from bonefrac.evaluation.metrics import (
 from bonefrac.evaluation.report import write_split_results
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY, choose_threshold
 from bonefrac.inference.ensemble import Ensemble, fuse
+from bonefrac.inference.predict import image_aspects
 from bonefrac.utils import atomic_write, cache_dir, write_json
 
 
@@ -40,7 +41,7 @@ def collect(ens: Ensemble, samples: Sequence[Sample], desc: str, batch: int = 64
     """Decode ``samples`` (skipping unreadable files) and run every member on them."""
     gray, kept, skipped = {}, None, []
     for size in sorted(ens.sizes):
-        gray[size], kept, skipped = decode_all(samples, size, desc=desc,
+        gray[size], kept, skipped = decode_all(samples, size, resize=ens.resize, desc=desc,
                                                cache_dir=cache_dir() / "decoded")
     logits: dict[str, list] = {m.name: [] for m in ens.members}
     n = len(kept)
@@ -219,13 +220,15 @@ def evaluate_localisation(ens: Ensemble, samples: Sequence[Sample],
         return None
     gray, kept = {}, []
     for size in sorted(ens.sizes):
-        gray[size], kept, _ = decode_all(scored, size, desc="localisation",
+        gray[size], kept, _ = decode_all(scored, size, resize=ens.resize, desc="localisation",
                                          cache_dir=cache_dir() / "decoded")
     if not kept:
         return None
+    aspects = image_aspects(ens, [s.path for s in kept])
     peaks, pred_boxes, maps = [], [], []
     for i in range(0, len(kept), batch):
-        pred = ens.predict_gray({s: g[i:i + batch] for s, g in gray.items()}, explain=True)
+        pred = ens.predict_gray({s: g[i:i + batch] for s, g in gray.items()}, explain=True,
+                                aspect=None if aspects is None else aspects[i:i + batch])
         peaks.append(pred.loc.peak)
         pred_boxes.append(pred.loc.box)
         maps.append(np.asarray(pred.cam, np.float32))

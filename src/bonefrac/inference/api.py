@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac.data.io import ImageReadError, gray_from_array, load_gray
+from bonefrac.data.io import ImageReadError, gray_from_array, image_size, load_gray
 from bonefrac.inference.ensemble import Ensemble
 from bonefrac.inference.heatmap import upsample_map
 from bonefrac.inference.predict import (
@@ -170,11 +170,15 @@ class Model:
         sizes = sorted(self.ensemble.sizes)
         names, decoded, warnings = [], [], []
         for j, item in enumerate(items):
-            name, d, warning = _decode_item(item, start + j, sizes)
+            name, d, warning = _decode_item(item, start + j, sizes, self.ensemble.resize)
             names.append(name)
             decoded.append(d)
             warnings.append(warning)
-        rows, pred = predict_decoded(self.ensemble, names, decoded, warnings, point=point)
+        aspects = None
+        if self.ensemble.resize == "letterbox":  # its heat maps are mapped back by aspect
+            aspects = [w / h for w, h in map(_item_size, items)]
+        rows, pred = predict_decoded(self.ensemble, names, decoded, warnings, point=point,
+                                     aspects=aspects)
         results = []
         for j, (item, row) in enumerate(zip(items, rows, strict=True)):
             heat = None
@@ -185,11 +189,11 @@ class Model:
         return results
 
 
-def _decode_item(item: ImageLike, index: int, sizes: Sequence[int]
+def _decode_item(item: ImageLike, index: int, sizes: Sequence[int], resize: str = "stretch"
                  ) -> tuple[str, dict[int, np.ndarray], str]:
     """(file name for the row, ``{size: uint8 input}``, warning) for a path or an array."""
     if isinstance(item, np.ndarray):
-        d = {s: gray_from_array(item, s) for s in sizes}
+        d = {s: gray_from_array(item, s, resize) for s in sizes}
         h, w = item.shape
         warning = "; ".join(filter(None, [size_warning(w, h, d[sizes[-1]]),
                                           blank_warning(d[sizes[-1]])]))
@@ -198,8 +202,15 @@ def _decode_item(item: ImageLike, index: int, sizes: Sequence[int]
         raise ValueError(f"input {index}: expected a path or a numpy array, got "
                          f"{type(item).__name__}")
     path = Path(item)
-    d = {s: load_gray(path, s) for s in sizes}
+    d = {s: load_gray(path, s, resize) for s in sizes}
     return display_path(path), d, image_warning(path, d[sizes[-1]])
+
+
+def _item_size(item: ImageLike) -> tuple[int, int]:
+    """``(W, H)`` of an array or an image file (header only where the format allows)."""
+    if isinstance(item, np.ndarray):
+        return item.shape[1], item.shape[0]
+    return image_size(item)
 
 
 def _display_shape(item: ImageLike) -> tuple[int, int]:

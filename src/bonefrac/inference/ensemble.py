@@ -21,7 +21,7 @@ import numpy as np
 from bonefrac import FRACTURE_MAP, GRADCAM
 from bonefrac.data.preprocess import Preprocessing
 from bonefrac.inference.calibration import calibrated_prob, fuse
-from bonefrac.inference.localise import Localisation, localise, upsample
+from bonefrac.inference.localise import Localisation, from_letterbox, localise, upsample
 from bonefrac.inference.model_folder import (
     META_NAME,
     ModelFileError,
@@ -92,6 +92,8 @@ class Ensemble:
                    for spec in folder.members]
         ens = cls(members, folder.meta, folder.root)
         fuse({m.name: np.zeros(1) for m in members}, ens.weights)  # validates the weights
+        if len({m.preprocessing.resize for m in members}) > 1:  # one decode per size
+            raise ModelFileError(f"{folder.root}: members mix stretch and letterbox resizing")
         return ens
 
     @property
@@ -106,6 +108,11 @@ class Ensemble:
     def sizes(self) -> set[int]:
         return {m.preprocessing.size for m in self.members}
 
+    @property
+    def resize(self) -> str:
+        """How every member's input square is made: ``stretch`` or ``letterbox``."""
+        return self.members[0].preprocessing.resize
+
     # -------------------------------------------------------------- prediction
     def member_logits(self, gray: Mapping[int, np.ndarray], want_cam: bool = False
                       ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -114,7 +121,13 @@ class Ensemble:
                 for m in self.members}
 
     def predict_gray(self, gray: Mapping[int, np.ndarray] | np.ndarray,
-                     explain: bool = False) -> Prediction:
+                     explain: bool = False, aspect: np.ndarray | None = None) -> Prediction:
+        """Fused prediction for ``{size: (N, size, size) uint8}`` decoded as ``self.resize``
+        says (or one ``(N, s, s)`` array for every size).
+
+        ``aspect``: ``(N,)`` width/height of the original images; a letterbox model needs it
+        for heat maps (``explain``), which are always returned in the images' own frame.
+        """
         if isinstance(gray, np.ndarray):
             gray = {s: gray for s in self.sizes}
         outs = self.member_logits(gray, want_cam=explain)
@@ -123,6 +136,10 @@ class Ensemble:
         if not explain:
             return Prediction(prob, probs)
         maps = [_member_map(m, outs[m.name][1]) for m in self.members]
+        if self.resize == "letterbox":
+            if aspect is None:
+                raise ValueError("a letterbox model's heat maps need the images' aspect ratios")
+            maps = [from_letterbox(mp, np.asarray(aspect, np.float64)) for mp in maps]
         hw = max(mp.shape[1:] for mp in maps)  # members of different sizes: the finest grid
         cam = sum(m.weight * _resize_maps(mp, hw) for m, mp in zip(self.members, maps,
                                                                    strict=True))

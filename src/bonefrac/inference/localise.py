@@ -1,7 +1,8 @@
 """From a heat map to a point and a box (numpy + Pillow, no torch).
 
-Maps are in the model input's frame, which is the original image stretched to a square, so
-fractions of the map's width/height are fractions of the original image's width/height.
+Maps are in the original image's frame stretched to a square (a letterbox model's maps are
+brought there first, :func:`from_letterbox`), so fractions of the map's width/height are
+fractions of the original image's width/height.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from bonefrac.data.preprocess import letterbox_rect
 
 # Resolution of the upsampled map in which the peak and the box are found: the pointing game's
 # 15-px tolerance is stated at 224 px.
@@ -39,6 +42,22 @@ def upsample(cam: np.ndarray, size: int | tuple[int, int] = LOC_SIZE) -> np.ndar
     hw = (size, size) if isinstance(size, int) else tuple(size)
     im = Image.fromarray(np.ascontiguousarray(cam, np.float32), mode="F")
     return np.asarray(im.resize(hw[::-1], Image.BILINEAR), np.float32)
+
+
+def from_letterbox(cam: np.ndarray, aspect: np.ndarray) -> np.ndarray:
+    """``(N, h, w)`` maps over letterboxed squares -> ``(N, h, w)`` maps over the images alone
+    (the bars cropped, the image's part stretched back to the grid); ``aspect`` ``(N,)`` is
+    each image's width/height."""
+    n, h, w = cam.shape
+    fine = (8 * h, 8 * w)  # crop at sub-cell precision
+    out = np.empty_like(cam, dtype=np.float32)
+    for i in range(n):
+        x0, y0, x1, y1 = letterbox_rect(float(aspect[i]), 1.0)
+        m = upsample(cam[i], fine)
+        r0, c0 = int(y0 * fine[0]), int(x0 * fine[1])
+        r1, c1 = max(r0 + 1, round(y1 * fine[0])), max(c0 + 1, round(x1 * fine[1]))
+        out[i] = upsample(m[r0:r1, c0:c1], (h, w))
+    return out
 
 
 def _region(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:

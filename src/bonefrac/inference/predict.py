@@ -31,7 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
-from bonefrac.data.io import IMAGE_SUFFIXES, ImageReadError, load_gray, open_formats
+from bonefrac.data.io import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    image_size,
+    load_gray,
+    open_formats,
+)
 from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.localise import Localisation
 from bonefrac.inference.runners import default_threads
@@ -146,10 +152,11 @@ def blank_warning(gray: np.ndarray) -> str:
     return "nearly uniform image (blank?)" if float(gray.std()) < BLANK_STD else ""
 
 
-def _decode(path: Path, sizes: Sequence[int]) -> tuple[dict[int, np.ndarray] | None, str]:
+def _decode(path: Path, sizes: Sequence[int], resize: str = "stretch"
+            ) -> tuple[dict[int, np.ndarray] | None, str]:
     """``({size: (size, size) uint8}, '')`` or ``(None, reason)``; never raises."""
     try:
-        return {s: load_gray(path, s) for s in sizes}, ""
+        return {s: load_gray(path, s, resize) for s in sizes}, ""
     except ImageReadError as e:
         return None, e.reason
     except Exception as e:  # a decoder bug must not cost other files their rows
@@ -167,7 +174,7 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
     sizes = sorted(ens.sizes)
     ok, decoded, errors = [], [], []
     for f in paths:
-        arr, reason = _decode(f, sizes)
+        arr, reason = _decode(f, sizes, ens.resize)
         if arr is None:
             errors.append({"file": display_path(f), "reason": reason})
         else:
@@ -178,7 +185,8 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
     # warnings use the largest input a member saw
     warnings = [image_warning(f, d[sizes[-1]]) for f, d in zip(ok, decoded, strict=True)]
     try:
-        rows, pred = predict_decoded(ens, ok, decoded, warnings, point=point)
+        rows, pred = predict_decoded(ens, ok, decoded, warnings, point=point,
+                                     aspects=image_aspects(ens, ok))
     except Exception as e:  # report the batch's files, keep the run going
         return [], errors + [{"file": display_path(f), "reason": f"inference failed ({e})"}
                              for f in ok]
@@ -189,12 +197,22 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
     return rows, errors
 
 
+def image_aspects(ens: Ensemble, paths: Sequence[Path]) -> list[float] | None:
+    """Width/height of each file for a letterbox model's heat maps; None for stretch models
+    (their maps need no aspect). Header reads only, for files that already decoded."""
+    if ens.resize == "stretch":
+        return None
+    return [w / h for w, h in map(image_size, paths)]
+
+
 def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
                     decoded: Sequence[Mapping[int, np.ndarray]],
-                    warnings: Sequence[str] | None = None, *, point: str | None = None
-                    ) -> tuple[list[dict], Prediction]:
+                    warnings: Sequence[str] | None = None, *, point: str | None = None,
+                    aspects: Sequence[float] | None = None) -> tuple[list[dict], Prediction]:
     """Predict images already decoded: ``decoded[i]`` is ``{size: (size, size) uint8}`` for
-    every input size of the ensemble (``ens.sizes``), ``names[i]`` the ``file`` of its row.
+    every input size of the ensemble (``ens.sizes``, resized as ``ens.resize`` says),
+    ``names[i]`` the ``file`` of its row; ``aspects[i]`` its original width/height (needed by
+    letterbox models, see :func:`image_aspects`).
 
     Runs every member once on the stacked batch, always with the heat map (its peak and box
     are columns of every row), and returns ``(rows, prediction)``: one :func:`make_row` row per
@@ -206,7 +224,7 @@ def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
         raise ValueError("no images to predict")
     warnings = list(warnings) if warnings is not None else [""] * len(decoded)
     gray = {s: np.stack([d[s] for d in decoded]) for s in sorted(ens.sizes)}
-    pred = ens.predict_gray(gray, explain=True)
+    pred = ens.predict_gray(gray, explain=True, aspect=aspects)
     rows = [make_row(ens, Path(name), pred.prob[i],
                      {k: v[i] for k, v in pred.member_probs.items()},
                      warning=warnings[i], loc=loc_fields(pred.loc, i), point=point)
