@@ -14,10 +14,12 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, private: bool = False
+                 ) -> Iterator[IO[Any]]:
     """Write to a temporary file beside ``path`` and rename it into place on success.
 
     Readers never see a half-written file; an exception leaves any previous file untouched.
+    ``private``: keep the temporary file's mode 0600 (secrets), instead of the umask's.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +29,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        publish(tmp, path)
+        if private:
+            os.replace(tmp, path)
+        else:
+            publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -41,6 +41,8 @@ COMMANDS = {
     "models": ("models", "list the registered architectures"),
     "report": ("report", "self-contained HTML report + MODEL_CARD.md from evaluation results"),
     "serve": ("serve", "REST API and web page with heat maps (needs [serve])"),
+    "token": ("token", "create, list or revoke the API tokens of `serve --token-file`"),
+    "audit": ("audit", "verify the hash chain of a `serve --audit-log` file"),
 }
 
 __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "CLIError",

@@ -1,9 +1,18 @@
-"""``bonefrac serve``: the REST API and web page on one loaded model (needs the [serve] extra)."""
+"""``bonefrac serve``: the REST API and web page on one loaded model (needs the [serve] extra).
+
+Security (``bonefrac.serving.security``): ``--token-file`` turns on Bearer tokens for every
+``/v1/`` route, ``--tls-cert/--tls-key`` HTTPS (uvicorn's own TLS, with HSTS), ``--audit-log``
+a hash-chained record of every API request. A non-loopback ``--host`` needs a token file
+unless ``--insecure-no-auth`` says otherwise.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import ssl
 import sys
+from pathlib import Path
 
 from bonefrac.cli.common import EXIT_OK, CLIError, add_model_arg, resolve_model
 from bonefrac.cli.extras import require_extra
@@ -11,8 +20,8 @@ from bonefrac.cli.extras import require_extra
 
 def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; the default answers this machine only. The "
-                        "service has no authentication: expose it only behind one")
+                   help="address to listen on; the default answers this machine only. Any "
+                        "other address needs --token-file (or --insecure-no-auth)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     add_model_arg(p)
     p.add_argument("--workers", type=int, default=2,
@@ -31,6 +40,36 @@ def add_arguments(p) -> None:
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="server log verbosity")
+    add_security_arguments(p)
+
+
+def add_security_arguments(p) -> None:
+    g = p.add_argument_group("security")
+    g.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                   help="require 'Authorization: Bearer TOKEN' on every /v1 route, checked "
+                        "against this file (made by `bonefrac token create`; re-read when it "
+                        "changes, so revoking needs no restart)")
+    g.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without --token-file")
+    g.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                   help="serve HTTPS with this certificate (chain) file; needs --tls-key")
+    g.add_argument("--tls-key", type=Path, default=None, metavar="PEM",
+                   help="the certificate's private key (PEM, unencrypted)")
+    g.add_argument("--audit-log", type=Path, default=None, metavar="FILE",
+                   help="append one hash-chained JSON line per API request (check it with "
+                        "`bonefrac audit verify`); no pixels, file names or patient fields")
+    g.add_argument("--audit-phi", action="store_true",
+                   help="also log file names and DICOM patient/study fields (PatientName, "
+                        "PatientID, ...): only where your ethics approval allows it")
+    g.add_argument("--audit-max-mb", type=float, default=64.0,
+                   help="rotate the audit log to FILE.<UTC time> beyond this size")
+    g.add_argument("--rate-limit", type=float, default=600.0, metavar="PER_MIN",
+                   help="requests per minute per token (per address without one); 0: off")
+    g.add_argument("--rate-burst", type=int, default=60,
+                   help="requests a client may send at once before --rate-limit applies")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://viewer.example.org) call "
+                        "the API; repeat for several; default: CORS off")
 
 
 def _is_loopback(host: str) -> bool:
@@ -42,6 +81,46 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_security(args) -> None:
+    """Refuse unsafe or broken security options before the model is loaded."""
+    if not _is_loopback(args.host) and args.token_file is None and not args.insecure_no_auth:
+        raise CLIError(f"--host {args.host} is reachable from other machines: give "
+                       "--token-file (see `bonefrac token create`), or --insecure-no-auth to "
+                       "serve without authentication")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CLIError("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None:
+        try:  # the files uvicorn will load, checked now for a one-line reason
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CLIError(f"TLS certificate {args.tls_cert} / key {args.tls_key}: "
+                           f"{reason}") from None
+    if args.token_file is not None:
+        if not args.token_file.is_file():
+            raise CLIError(f"--token-file {args.token_file}: no such file (make it with "
+                           f"`bonefrac token create --token-file {args.token_file} --name "
+                           "NAME`)")
+        if args.token_file.stat().st_mode & 0o077:
+            print(f"warning: {args.token_file} is readable by others; chmod 600 it",
+                  file=sys.stderr)
+    if args.rate_limit < 0 or args.rate_burst < 1:
+        raise CLIError("--rate-limit must be >= 0 and --rate-burst >= 1")
+    if args.audit_max_mb * 2**20 < 4096:
+        raise CLIError("--audit-max-mb must be at least 0.004 (4 KiB)")
+
+
+def security_config(args):
+    from bonefrac.serving.security import SecurityConfig
+
+    return SecurityConfig(
+        token_file=args.token_file, audit_log=args.audit_log, audit_phi=args.audit_phi,
+        audit_max_bytes=int(args.audit_max_mb * 2**20),
+        rate_per_minute=args.rate_limit or None, rate_burst=args.rate_burst,
+        cors_origins=tuple(args.cors_origin), hsts=args.tls_cert is not None)
+
+
 def run(args) -> int:
     from bonefrac import DISCLAIMER
 
@@ -50,6 +129,7 @@ def run(args) -> int:
     require_extra("serve", "serve")
     if args.backend == "torch":
         require_extra("train", "serve --backend torch")
+    check_security(args)
     import uvicorn
 
     from bonefrac.serving import create_app
@@ -59,15 +139,18 @@ def run(args) -> int:
                      max_batch_files=args.max_batch_files,
                      max_batch_bytes=upload * args.max_batch_files, workers=args.workers,
                      queue=args.queue, timeout_s=args.timeout, threads=args.threads,
-                     backend=args.backend)
-    if not _is_loopback(args.host):
-        print(f"warning: listening on {args.host}, reachable from other machines; the service "
-              "has no authentication or TLS", file=sys.stderr)
+                     backend=args.backend, security=security_config(args))
+    _warn_exposure(args)
     url_host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"bonefrac serve: model {app.state.ensemble.model_id} on http://{url_host}:{args.port}/"
-          f"  (API reference: /docs, OpenAPI: /openapi.json)\n{DISCLAIMER}", flush=True)
+    scheme = "https" if args.tls_cert else "http"
+    auth = f"tokens from {args.token_file}" if args.token_file else "no authentication"
+    print(f"bonefrac serve: model {app.state.ensemble.model_id} on {scheme}://{url_host}:"
+          f"{args.port}/  ({auth}; API reference: /docs, OpenAPI: /openapi.json)\n"
+          f"{DISCLAIMER}", flush=True)
+    tls = {"ssl_certfile": os.fspath(args.tls_cert), "ssl_keyfile": os.fspath(args.tls_key)} \
+        if args.tls_cert else {}
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_keep_alive=5, server_header=False)
+                            timeout_keep_alive=5, server_header=False, **tls)
     server = uvicorn.Server(config)
     try:
         server.run()
@@ -79,3 +162,15 @@ def run(args) -> int:
         raise CLIError(f"could not listen on {args.host}:{args.port} (see the line above)"
                        ) from None
     return EXIT_OK
+
+
+def _warn_exposure(args) -> None:
+    if _is_loopback(args.host):
+        return
+    if args.token_file is None:
+        print(f"warning: listening on {args.host}, reachable from other machines, WITHOUT "
+              "authentication (--insecure-no-auth)", file=sys.stderr)
+    if args.tls_cert is None:
+        print(f"warning: listening on {args.host} without TLS: tokens and images cross the "
+              "network in clear text (give --tls-cert/--tls-key, or put a TLS proxy in front)",
+              file=sys.stderr)

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Annotated, BinaryIO
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -38,13 +39,26 @@ from bonefrac.inference.heatmap import heat_layer, render_overlay
 from bonefrac.inference.predict import (
     BOX_COLUMNS,
     decision_threshold,
+    model_fingerprint,
     model_info,
     operating_point_names,
     predict_decoded,
 )
 from bonefrac.inference.runners import default_threads
+from bonefrac.serving.audit import AuditLog
+from bonefrac.serving.auth import TokenStore
 from bonefrac.serving.docs import api_reference_html
 from bonefrac.serving.limits import DEADLINE_KEY, LimitsMiddleware
+from bonefrac.serving.ratelimit import RateLimiter
+from bonefrac.serving.security import (
+    GuardMiddleware,
+    RecordMiddleware,
+    SecurityConfig,
+    audit_results,
+    audit_uploads,
+    require_client,
+    scrub_paths,
+)
 from bonefrac.serving.uploads import FORMATS_TEXT, UploadError, check_upload, decode_upload
 
 log = logging.getLogger("bonefrac.serving")
@@ -52,15 +66,15 @@ log = logging.getLogger("bonefrac.serving")
 STATIC = Path(__file__).resolve().parent / "static"
 MODEL_CARD = "MODEL_CARD.md"
 MULTIPART_SLACK = 64 * 1024  # multipart boundaries and headers around one file
-# The UI and the docs page load nothing from elsewhere; the policy makes a stray CDN link fail.
-CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-HTML_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"}
+# Every /v1 route: the token GuardMiddleware accepted (and the Bearer scheme in the OpenAPI).
+V1 = [Depends(require_client)]
 ERRORS = {
+    401: "no valid API token (the server runs with --token-file): send Authorization: Bearer",
     408: "the upload did not arrive within the request timeout",
     413: "file or request too large (see `limits` in GET /v1/model)",
     415: f"unsupported file type or content (accepted: {FORMATS_TEXT})",
     422: "unreadable image (the reason is given) or a missing form field",
+    429: "rate limit of this token (or address) reached; retry after Retry-After seconds",
     503: "server busy: too many requests running or queued; retry after Retry-After seconds",
     504: "prediction did not finish within the request timeout",
 }
@@ -184,15 +198,27 @@ def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain:
     return out, errors
 
 
-def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict) -> FastAPI:
-    """The FastAPI app with its state, its limits middleware and the executor's shutdown."""
+def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict,
+             security: SecurityConfig) -> FastAPI:
+    """The FastAPI app with its state, its middlewares (limits, then the token and rate check,
+    CORS when configured, headers and audit: ``serving.security``) and the executor's
+    shutdown."""
     max_upload_bytes, max_batch_bytes = limits["max_upload_bytes"], limits["max_batch_bytes"]
     workers, queue, timeout_s = limits["workers"], limits["queue"], limits["timeout_s"]
+    store = TokenStore(security.token_file) if security.token_file else None
+    if store is not None:
+        store.entries()  # a broken token file fails here, at start, not on the first request
+    limiter = RateLimiter(security.rate_per_minute, security.rate_burst) \
+        if security.rate_per_minute else None
+    audit = AuditLog(security.audit_log, security.audit_max_bytes) if security.audit_log \
+        else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         executor.shutdown(wait=False, cancel_futures=True)
+        if audit is not None:
+            audit.close()
 
     app = FastAPI(
         title="bonefrac", version=__version__, lifespan=lifespan,
@@ -201,10 +227,20 @@ def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict) -> FastA
         docs_url=None, redoc_url=None)  # the stock pages load Swagger/ReDoc from a CDN
     app.state.ensemble = ens
     app.state.limits = limits
+    app.state.security = security
     body_caps = {"/v1/predict": max_upload_bytes + MULTIPART_SLACK,
                  "/v1/predict/batch": max_batch_bytes}
+    # Added innermost first: a request meets Record, CORS, Guard, then Limits.
     app.add_middleware(LimitsMiddleware, capacity=workers + queue, timeout_s=timeout_s,
                        max_body=body_caps.get)
+    app.add_middleware(GuardMiddleware, store=store, limiter=limiter)
+    if security.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(security.cors_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(RecordMiddleware, audit=audit, hsts=security.hsts,
+                       model={"model_id": ens.model_id,
+                              "model_fingerprint": model_fingerprint(ens)})
     return app
 
 
@@ -224,17 +260,20 @@ def _add_predict_routes(app: FastAPI, ens: Ensemble, executor: ThreadPoolExecuto
     async def run_job(request: Request, uploads: list[UploadFile], explain: bool,
                       point: str | None = None):
         items = [(Path(u.filename or "upload").name, u.file) for u in uploads]
+        await audit_uploads(request, items)
         fut = executor.submit(predict_uploads, ens, items, explain, max_upload_bytes, point)
         remaining = request.scope[DEADLINE_KEY] - asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, remaining))
+            rows, errors = await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, remaining))
         except TimeoutError:
             fut.cancel()  # drops it if still queued; a running one finishes on its own
             raise HTTPException(504, f"prediction did not finish within {timeout_s:g} s; "
                                      "the server may be overloaded") from None
+        audit_results(request, rows, errors)
+        return rows, [{**e, "reason": scrub_paths(e["reason"])} for e in errors]
 
-    @app.post("/v1/predict", tags=["predict"], responses={c: {"description": ERRORS[c]}
-                                                          for c in ERRORS})
+    @app.post("/v1/predict", tags=["predict"], dependencies=V1,
+              responses={c: {"description": ERRORS[c]} for c in ERRORS})
     async def predict(request: Request,
                       file: Annotated[UploadFile, File(description="radiograph or DICOM")],
                       explain: ExplainQ = False, explain_form: ExplainF = False,
@@ -252,7 +291,7 @@ def _add_predict_routes(app: FastAPI, ens: Ensemble, executor: ThreadPoolExecuto
                                                      f"{errors[0]['reason']}")
         return {"prediction": rows[0], "model": summary, "disclaimer": DISCLAIMER}
 
-    @app.post("/v1/predict/batch", tags=["predict"],
+    @app.post("/v1/predict/batch", tags=["predict"], dependencies=V1,
               responses={c: {"description": ERRORS[c]} for c in ERRORS})
     async def predict_batch(request: Request,
                             files: Annotated[list[UploadFile], File(description="files")],
@@ -273,7 +312,7 @@ def _add_predict_routes(app: FastAPI, ens: Ensemble, executor: ThreadPoolExecuto
 def _add_info_routes(app: FastAPI, ens: Ensemble, summary: dict, model_card: str | None,
                      limits: dict) -> None:
     """GET /v1/model, /healthz, the web page, the API reference and the static files."""
-    @app.get("/v1/model", tags=["model"])
+    @app.get("/v1/model", tags=["model"], dependencies=V1)
     async def get_model() -> dict:
         """The model's metadata (operating points, validation, provenance), its model card
         (MODEL_CARD.md in the model folder, or null) and the service's limits."""
@@ -282,15 +321,18 @@ def _add_info_routes(app: FastAPI, ens: Ensemble, summary: dict, model_card: str
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict:
+        """Liveness, without a token; the model's identity only when tokens are off."""
+        if app.state.security.token_file is not None:
+            return {"status": "ok"}
         return {"status": "ok", "model_id": ens.model_id, "version": __version__}
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers=HTML_HEADERS)
+        return FileResponse(STATIC / "index.html")  # headers: serving.security
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return HTMLResponse(api_reference_html(app.openapi()), headers=HTML_HEADERS)
+        return HTMLResponse(api_reference_html(app.openapi()))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -315,7 +357,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 32 * 2**20,
                max_batch_files: int = 16, max_batch_bytes: int = 128 * 2**20,
                workers: int = 2, queue: int = 16, timeout_s: float = 60.0,
-               threads: int | None = None, backend: str = "auto") -> FastAPI:
+               threads: int | None = None, backend: str = "auto",
+               security: SecurityConfig | None = None) -> FastAPI:
     """Build the app around one model, loaded here once (or passed in already loaded).
 
     Args:
@@ -326,8 +369,12 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
         queue: further prediction requests allowed to wait; beyond that, 503.
         timeout_s: per-request deadline from arrival to answer (408 upload, 504 inference).
         threads: ONNX Runtime threads per run; default: the CPUs shared among ``workers``.
+        security: tokens, rate limit, audit log, CORS, HSTS (``serving.security``); default:
+            no tokens, no audit, the default rate limit per address.
     Raises:
         ModelFileError: the model folder is missing, tampered with or malformed.
+        TokenFileError: the token file is not a bonefrac token file.
+        OSError: the audit log cannot be opened.
     """
     if min(max_upload_bytes, max_batch_files, max_batch_bytes, workers) < 1 or queue < 0 \
             or timeout_s <= 0:
@@ -342,7 +389,7 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
               "timeout_s": timeout_s}
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bonefrac-infer")
 
-    app = _new_app(ens, executor, limits)
+    app = _new_app(ens, executor, limits, security or SecurityConfig())
     _add_predict_routes(app, ens, executor, summary, limits)
     _add_info_routes(app, ens, summary, model_card, limits)
     _add_error_handlers(app)

@@ -1,0 +1,290 @@
+"""Who may ask and what was answered: the server's authentication, rate limit, security headers
+and audit trail, as two pure ASGI middlewares around the app.
+
+Order of a request through them (outermost first):
+
+1. ``RecordMiddleware``: security headers on every response (CSP allowing only the page's own
+   scripts, ``X-Content-Type-Options``, ``Referrer-Policy``, ``Cache-Control: no-store`` on the
+   API, HSTS when TLS is on) and, for every ``/v1/`` request, one audit line written *before*
+   the answer leaves: if the line cannot be written the client gets 503 instead of an
+   unrecorded answer.
+2. CORS (Starlette's), only when origins are configured, so preflights never need a token.
+3. ``GuardMiddleware`` on ``/v1/``: the Bearer token is checked and the client's rate limit
+   spent *before* the body is read, so an unauthenticated client can make the server neither
+   spool an upload nor run a model. 429 + ``Retry-After`` over the limit (per token name, per
+   address without a valid token), then 401 + ``WWW-Authenticate`` without a valid token.
+
+The web page, ``/static``, ``/docs``, ``/openapi.json`` and ``/healthz`` (the liveness probe,
+which then answers only ``{"status": "ok"}``) stay public: they hold no patient data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bonefrac.serving.audit import AuditLog, now_iso
+from bonefrac.serving.auth import TokenFileError, TokenStore
+from bonefrac.serving.limits import json_error
+from bonefrac.serving.ratelimit import RateLimiter
+from bonefrac.serving.uploads import sniff
+
+log = logging.getLogger("bonefrac.serving")
+
+API_PREFIX = "/v1/"
+CLIENT_KEY = "bonefrac.client"  # scope: the token's name once authenticated
+AUTH_KEY = "bonefrac.auth"  # scope: off | token | missing | invalid
+AUDIT_KEY = "bonefrac.audit"  # scope: per-request fields the handlers add (files)
+# The page and the docs load nothing from elsewhere and run no inline script.
+CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff",
+           "referrer-policy": "no-referrer", "x-frame-options": "DENY"}
+HSTS = "max-age=31536000"
+# DICOM attributes that identify a patient or study: audited only with --audit-phi.
+PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+            "StudyInstanceUID", "StudyDate")
+_ABS_PATH = re.compile(r"(?<![\w.~-])(?:/[^\s/'\"():,;]+)+/([^\s/'\"():,;]*)")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """The security settings of one app (``bonefrac serve`` options).
+
+    token_file: token store; None: no authentication. audit_log: JSON-lines file; None: no
+    audit. audit_phi: also log file names and DICOM patient fields. rate_per_minute /
+    rate_burst: per-client limit (None: off). cors_origins: origins allowed to call the API
+    from a browser (empty: CORS off). hsts: send Strict-Transport-Security (TLS is on)."""
+
+    token_file: Path | None = None
+    audit_log: Path | None = None
+    audit_phi: bool = False
+    audit_max_bytes: int = 64 * 2**20
+    rate_per_minute: float | None = 600.0
+    rate_burst: int = 60
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    hsts: bool = False
+
+
+def scrub_paths(text: str) -> str:
+    """Absolute paths in a message -> their last component (no server layout in answers)."""
+    return _ABS_PATH.sub(lambda m: m.group(1) or "<path>", text)
+
+
+def _bearer(scope: Scope) -> str | None:
+    """The token of an ``Authorization: Bearer`` header; '' for another scheme; None if absent."""
+    value = dict(scope["headers"]).get(b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _remote(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+class GuardMiddleware:
+    """Bearer authentication and the rate limit on ``/v1/`` (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, *, store: TokenStore | None,
+                 limiter: RateLimiter | None):
+        self.app, self.store, self.limiter = app, store, limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        token = _bearer(scope) if self.store else None
+        entry = None
+        if self.store is not None and token:
+            try:
+                entry = self.store.verify(token)
+            except TokenFileError as e:  # fail closed: nobody gets in on a broken file
+                log.error("%s", e)
+                await _reply(send, 503, "the server's token file is unreadable; see its log")
+                return
+        auth = "off" if self.store is None else "token" if entry else \
+            "missing" if token is None else "invalid"
+        scope[AUTH_KEY] = auth
+        if entry:
+            scope[CLIENT_KEY] = entry.name
+        key = f"token:{entry.name}" if entry else f"addr:{_remote(scope)}"
+        wait = self.limiter.take(key) if self.limiter else 0.0
+        if wait:
+            await _reply(send, 429, f"rate limit: at most {self.limiter.burst:g} requests at "
+                                    f"once and {self.limiter.rate * 60:g} per minute; retry "
+                                    "after Retry-After seconds",
+                         {"Retry-After": RateLimiter.retry_after(wait)})
+            return
+        if auth in ("missing", "invalid"):
+            await _reply(send, 401, *_unauthorized(auth))
+            return
+        await self.app(scope, receive, send)
+
+
+def _unauthorized(auth: str) -> tuple[str, dict[str, str]]:
+    """(detail, headers) of a 401 for a missing or an invalid token (RFC 6750)."""
+    if auth == "missing":
+        return ("this server needs an API token: send 'Authorization: Bearer TOKEN' (tokens "
+                "come from `bonefrac token create`)",
+                {"WWW-Authenticate": 'Bearer realm="bonefrac"'})
+    return ("invalid, expired or revoked API token",
+            {"WWW-Authenticate": 'Bearer realm="bonefrac", error="invalid_token"'})
+
+
+async def _reply(send: Send, status: int, detail: str, headers: dict | None = None) -> None:
+    start, body = json_error(status, detail, headers)
+    await send(start)
+    await send(body)
+
+
+BEARER = HTTPBearer(auto_error=False, description="an API token from `bonefrac token create`; "
+                    "needed when the server runs with --token-file")
+
+
+async def require_client(
+        request: Request,
+        _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> str | None:
+    """Route dependency of every ``/v1/`` route: the token name ``GuardMiddleware`` accepted
+    (None: authentication off). It also declares the Bearer scheme in the OpenAPI document,
+    and refuses the request should the route ever be reached around the middleware."""
+    cfg: SecurityConfig = request.app.state.security
+    if cfg.token_file is not None and CLIENT_KEY not in request.scope:
+        detail, headers = _unauthorized("missing")
+        raise HTTPException(401, detail, headers=headers)
+    return request.scope.get(CLIENT_KEY)
+
+
+class RecordMiddleware:
+    """Security headers on every response and an audit line per ``/v1/`` request."""
+
+    def __init__(self, app: ASGIApp, *, audit: AuditLog | None, hsts: bool, model: dict):
+        """``model``: ``model_id`` and ``model_fingerprint`` for every audit line."""
+        self.app, self.audit, self.model = app, audit, model
+        self.headers = {**HEADERS, **({"strict-transport-security": HSTS} if hsts else {})}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        api = scope["path"].startswith(API_PREFIX)
+        audited = api and self.audit is not None
+        t0 = asyncio.get_running_loop().time()
+        arrived = now_iso()
+        state = {"started": False, "drop": False}
+
+        async def send_wrapper(msg: Message) -> None:
+            if state["drop"]:
+                return
+            if msg["type"] == "http.response.start":
+                state["started"] = True
+                headers = MutableHeaders(scope=msg)
+                for k, v in self.headers.items():
+                    headers.setdefault(k, v)
+                if api:
+                    headers.setdefault("cache-control", "no-store")
+                if audited and not await self._record(scope, msg["status"], t0, arrived):
+                    state["drop"] = True  # answer 503 instead of an unrecorded answer
+                    start, body = json_error(503, "the audit log cannot be written; the "
+                                                  "request was not answered (see the log)")
+                    MutableHeaders(scope=start).update(self.headers)
+                    await send(start)
+                    await send(body)
+                    return
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if audited and not state["started"]:
+                await self._record(scope, 500, t0, arrived)
+            raise
+
+    async def _record(self, scope: Scope, status: int, t0: float, arrived: str) -> bool:
+        """Write the request's audit line (off the event loop); False if it failed."""
+        rec = {"time": arrived, "client": scope.get(CLIENT_KEY),
+               "auth": scope.get(AUTH_KEY, "off"), "remote": _remote(scope),
+               "method": scope["method"], "endpoint": scope["path"], "status": status,
+               "latency_ms": round((asyncio.get_running_loop().time() - t0) * 1000, 1),
+               **self.model, **scope.get(AUDIT_KEY, {})}
+        try:
+            await run_in_threadpool(self.audit.append, rec)
+            return True
+        except (OSError, ValueError) as e:
+            log.error("audit log %s: %s", self.audit.path, e)
+            return False
+
+
+# ------------------------------------------------------------------- per-file audit fields
+def _digest(f: BinaryIO) -> tuple[str, int]:
+    """(sha256 hex, bytes) of a seekable upload; the read position is left at the start."""
+    f.seek(0)
+    h, n = hashlib.sha256(), 0
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+        n += len(chunk)
+    f.seek(0)
+    return h.hexdigest(), n
+
+
+def dicom_phi(f: BinaryIO) -> dict[str, str]:
+    """The ``PHI_TAGS`` of a DICOM upload (header only, no pixels); {} if not DICOM or unread."""
+    f.seek(0)
+    head = f.read(132)
+    f.seek(0)
+    if sniff(head) != "DICOM":
+        return {}
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(PHI_TAGS))
+        return {k: str(ds.get(k).value) for k in PHI_TAGS if k in ds}
+    except Exception:  # an unreadable header is logged without its fields, never fatal
+        return {}
+    finally:
+        f.seek(0)
+
+
+def _file_fields(name: str, f: BinaryIO, phi: bool) -> dict:
+    sha, size = _digest(f)
+    out = {"sha256": sha, "bytes": size}
+    if phi:
+        out = {"file": name, **out, **dicom_phi(f)}
+    return out
+
+
+async def audit_uploads(request: Request, items: list[tuple[str, BinaryIO]]) -> None:
+    """Note each upload's sha256 and size (and, with ``audit_phi``, name and DICOM patient
+    fields) for the request's audit line; nothing when auditing is off."""
+    cfg: SecurityConfig = request.app.state.security
+    if cfg.audit_log is None:
+        return
+    files = await run_in_threadpool(
+        lambda: [_file_fields(name, f, cfg.audit_phi) for name, f in items])
+    request.scope[AUDIT_KEY] = {"files": files}
+
+
+def audit_results(request: Request, rows: list[dict], errors: list[dict]) -> None:
+    """Add P(fracture), decision and threshold (or the error status) to each noted file."""
+    files = request.scope.get(AUDIT_KEY, {}).get("files")
+    if files is None:
+        return
+    for r in rows:
+        files[r["index"]].update(status=200, prob_fractured=r["prob_fractured"],
+                                 decision=r["decision"], threshold=r["threshold"])
+    for e in errors:
+        files[e["index"]].update(status=e["status"])
