@@ -23,6 +23,7 @@ from bonefrac.evaluation.evaluate import scored_samples
 from bonefrac.evaluation.localisation import localisation_metrics
 from bonefrac.evaluation.metrics import bootstrap_auc_ci, roc_auc
 from bonefrac.inference import Ensemble
+from bonefrac.inference.predict import image_aspects
 from bonefrac.utils import cache_dir
 
 
@@ -45,10 +46,12 @@ def _set_heatmap(ens: Ensemble, kind: str) -> bool:
     return True
 
 
-def _pointing(ens: Ensemble, gray: dict[int, np.ndarray], gt: list[np.ndarray]) -> dict:
+def _pointing(ens: Ensemble, gray: dict[int, np.ndarray], gt: list[np.ndarray],
+              aspects: list[float] | None) -> dict:
     peaks, boxes, maps = [], [], []
     for i in range(0, len(gt), 32):
-        p = ens.predict_gray({s: g[i:i + 32] for s, g in gray.items()}, explain=True)
+        p = ens.predict_gray({s: g[i:i + 32] for s, g in gray.items()}, explain=True,
+                             aspect=None if aspects is None else aspects[i:i + 32])
         peaks.append(p.loc.peak)
         boxes.append(p.loc.box)
         maps.append(p.cam)
@@ -64,22 +67,25 @@ def evaluate(model_dir: str, index, boxes) -> dict:
     val = index.split("val")
     gray, kept = {}, []
     for s in sorted(ens.sizes):
-        gray[s], kept, _ = decode_all(val, s, cache_dir=cache_dir() / "decoded")
+        gray[s], kept, _ = decode_all(val, s, resize=ens.resize,
+                                      cache_dir=cache_dir() / "decoded")
     y = np.array([k.label for k in kept])
     p = _probs(ens, gray)
     p_flip = _probs(ens, {s: g[:, :, ::-1].copy() for s, g in gray.items()})
     lo, hi = bootstrap_auc_ci(y, p)
-    out = {"model": model_dir, "sizes": sorted(ens.sizes), "n_val": len(y),
+    out = {"model": model_dir, "sizes": sorted(ens.sizes), "resize": ens.resize, "n_val": len(y),
            "val_auc": roc_auc(y, p), "val_auc_ci95": [lo, hi],
            "val_auc_hflip_tta": roc_auc(y, (p + p_flip) / 2)}
     scored = scored_samples(val, boxes)
     sgray, skept = {}, []
     for s in sorted(ens.sizes):
-        sgray[s], skept, _ = decode_all(scored, s, cache_dir=cache_dir() / "decoded")
+        sgray[s], skept, _ = decode_all(scored, s, resize=ens.resize,
+                                        cache_dir=cache_dir() / "decoded")
     gt = [boxes[k.rel] for k in skept]
+    aspects = image_aspects(ens, [k.path for k in skept])
     for kind in (FRACTURE_MAP, GRADCAM):
         if _set_heatmap(ens, kind):
-            out[f"localisation_{kind}"] = _pointing(ens, sgray, gt)
+            out[f"localisation_{kind}"] = _pointing(ens, sgray, gt, aspects)
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
