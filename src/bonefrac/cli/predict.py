@@ -103,6 +103,10 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
                    help="onnx: ONNX Runtime, no torch; torch: PyTorch (needs [train]); auto: "
                         "ONNX where the model has an export, else torch")
+    p.add_argument("--by-study", action="store_true",
+                   help="also write OUT/studies.csv and studies.json: one row per DICOM study "
+                        "(Study Instance UID), P = the max over its images, fractured at a "
+                        "point when any image is; non-DICOM files belong to no study")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -137,6 +141,9 @@ def run(args) -> int:
     if args.backend == "torch":
         require_extra("train", "predict --backend torch")
     shard = resolve_shard(args)
+    if shard and args.by_study:
+        raise CLIError("--by-study needs every image of a study in one run; it cannot be "
+                       "combined with --shard")
     ens = Ensemble.load(resolve_model(args.model), backend=args.backend, threads=args.threads)
     point = args.operating_point
     if point not in operating_point_names(ens):
@@ -158,7 +165,19 @@ def run(args) -> int:
     ckpt = Checkpoint(out, info, plan.done, plan.missing, len(todo), extra)
     interrupted = _predict_into(ckpt, ens, todo, args, out)
     ckpt.write()
+    if args.by_study and not interrupted:
+        _write_studies(out, ckpt, plan.files, info)
     return _report(ckpt, plan, out, interrupted)
+
+
+def _write_studies(out: Path, ckpt: Checkpoint, files: list[Path], info: dict) -> None:
+    """``--by-study``: the study rows (rule in :mod:`bonefrac.inference.study`)."""
+    from bonefrac.inference.study import studies_of, study_rows, write_studies
+
+    studies = study_rows(ckpt.res.rows, studies_of(files))
+    write_studies(out, studies, info)
+    print(f"{len(studies)} DICOM stud{'y' if len(studies) == 1 else 'ies'} -> {out}/studies.csv",
+          file=sys.stderr)
 
 
 def _predict_into(ckpt: Checkpoint, ens, todo: list[Path], args, out: Path

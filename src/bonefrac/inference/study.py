@@ -1,0 +1,96 @@
+"""Study-level results: the per-image rows of a DICOM study aggregated into one row.
+
+**Rule (maximum over images):** a study's ``prob_fractured`` is the largest ``prob_fractured``
+of its images, and its decision at every operating point is ``fractured`` exactly when at least
+one of its images is decided ``fractured`` at that point. The two statements agree because all
+images share each point's threshold: max P >= t if and only if some P >= t. A fracture is
+visible on some views only, so the view that shows it should decide the study; an average
+would dilute it. ``max_file`` names the image that set the study's probability.
+
+Used by ``bonefrac predict --by-study`` and by the DICOM node (one rule in one place).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from bonefrac import CLASSES, DISCLAIMER
+from bonefrac.utils import display_path, write_json, write_text
+
+RULE = "max over images"
+STUDY_FORMAT = "bonefrac-studies/1"
+
+
+def study_uid(path: str | os.PathLike) -> str | None:
+    """The Study Instance UID of a DICOM file, from its header only; None for a file that is
+    not DICOM (or has none, or pydicom is not installed)."""
+    try:
+        import pydicom
+    except ImportError:
+        return None
+    for force in (False, True):  # files without the preamble parse with force=True only
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=force,
+                                 specific_tags=["StudyInstanceUID"])
+        except Exception:  # not DICOM (or unreadable): no study
+            continue
+        uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+        return uid or None
+    return None
+
+
+def studies_of(files: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """``{display_path(file): study UID}`` for the files that are DICOM with a study UID."""
+    out = {}
+    for f in files:
+        uid = study_uid(f)
+        if uid:
+            out[display_path(f)] = uid
+    return out
+
+
+def aggregate(study: str, rows: Sequence[Mapping]) -> dict:
+    """One study row from its images' prediction rows (:func:`make_row` rows), by :data:`RULE`.
+
+    Columns: ``study_instance_uid``, ``n_images``, ``prob_fractured`` (max), ``max_file``,
+    ``decision`` and every ``decision_<point>`` the rows have (``fractured`` if any image is),
+    ``threshold`` (the one behind ``decision``), ``rule``, ``model_id``, ``version``.
+    """
+    if not rows:
+        raise ValueError(f"study {study}: no image rows to aggregate")
+    top = max(rows, key=lambda r: r["prob_fractured"])
+    out = {"study_instance_uid": study, "n_images": len(rows),
+           "prob_fractured": top["prob_fractured"], "max_file": top["file"]}
+    for key in (k for k in rows[0] if k == "decision" or k.startswith("decision_")):
+        out[key] = CLASSES[int(any(r[key] == CLASSES[1] for r in rows))]
+    out.update({"threshold": top.get("threshold"), "rule": RULE,
+                "model_id": top.get("model_id"), "version": top.get("version")})
+    return out
+
+
+def study_rows(rows: Sequence[Mapping], study_of: Mapping[str, str]) -> list[dict]:
+    """Group ``rows`` by ``study_of[row["file"]]`` and :func:`aggregate` each group, in the
+    order studies first appear; rows whose file has no study are left out."""
+    groups: dict[str, list[Mapping]] = {}
+    for r in rows:
+        uid = study_of.get(r["file"])
+        if uid:
+            groups.setdefault(uid, []).append(r)
+    return [aggregate(uid, g) for uid, g in groups.items()]
+
+
+def write_studies(out: Path, studies: Sequence[Mapping], info: Mapping) -> None:
+    """``studies.csv`` and ``studies.json`` (rows + model header + rule), each atomically."""
+    fields = list(studies[0]) if studies else ["study_instance_uid", "n_images",
+                                               "prob_fractured", "decision"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(studies)
+    write_text(Path(out) / "studies.csv", buf.getvalue())
+    write_json(Path(out) / "studies.json", {"format": STUDY_FORMAT, **info, "rule": RULE,
+                                            "disclaimer": DISCLAIMER, "studies": list(studies)})

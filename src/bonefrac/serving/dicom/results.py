@@ -1,0 +1,251 @@
+"""Results as DICOM objects, built with highdicom: one Structured Report per study batch and
+one Secondary Capture per image, in the source study, in two new series.
+
+- **SR** (Comprehensive SR holding a TID 1500 Measurement Report): one TID 1410 planar ROI group
+  per image, whose region is the model's box as a closed POLYLINE in the source image's pixel
+  coordinates (column, row; (0, 0) is the top-left corner of the top-left pixel, so a fraction
+  ``f`` of the width is ``f * Columns``), with P(fracture) (DCM 122157 "Probability", unit
+  "no units", the ``prob_fractured`` of ``bonefrac predict``), the map's peak score, and the
+  decision (Yes/No) at the default and every named operating point; one TID 1501 group with the
+  study result (:mod:`bonefrac.inference.study`); the model id and version as TID 4019
+  Algorithm Identification; the research-use disclaimer as TEXT under TID 1500's
+  "Qualitative Evaluations" container and in the series description.
+- **Secondary Capture**: the heat-map overlay of ``bonefrac predict --explain`` (map, box, peak,
+  colour bar, caption) with a "RESEARCH USE ONLY - NOT FOR DIAGNOSIS" banner burned in on top.
+
+UIDs are derived from the source instances and the model fingerprint (:func:`result_uid`), so
+predicting the same images again makes the same objects: a resend after a crash replaces
+rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from bonefrac import DISCLAIMER
+
+BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+MANUFACTURER = "bonefrac (research use only)"
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9701, 9702
+# Codes for what no standard code says; declared in the SR's Coding Scheme Identification.
+SCHEME = "99BONEFRAC"
+FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
+PEAK_SCORE = hd.sr.CodedConcept("BF002", SCHEME, "Heat-map peak score")
+STUDY_RULE = hd.sr.CodedConcept("BF003", SCHEME, "Study result: maximum over images")
+POINT_ID = {"default": "BF010", "triage": "BF011", "confirmation": "BF012"}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Who made the numbers: model id, bonefrac version, fingerprint and thresholds by name
+    (``{"default": t, "triage": t1, ...}``)."""
+
+    model_id: str
+    version: str
+    fingerprint: str
+    thresholds: Mapping[str, float]
+
+    @classmethod
+    def from_info(cls, info: Mapping) -> ModelIdentity:
+        """From :func:`bonefrac.inference.predict.model_info`."""
+        return cls(info["model_id"], info["version"], info["model_fingerprint"],
+                   {"default": float(info["threshold"]), **info["operating_points"]})
+
+
+def result_uid(kind: str, sources: Sequence[str], model: ModelIdentity) -> str:
+    """A UID that depends only on ``kind``, the source SOP Instance UIDs and the model."""
+    return generate_uid(entropy_srcs=[kind, model.fingerprint, *sorted(sources)])
+
+
+# ---------------------------------------------------------------------------------- the SR
+def decision_concept(point: str) -> hd.sr.CodedConcept:
+    """The concept name of "fracture at operating point ``point``" (a private code; the
+    thresholds are parameters of the Algorithm Identification)."""
+    code = POINT_ID.get(point) or "BF1" + hashlib.sha1(point.encode()).hexdigest()[:5]
+    return hd.sr.CodedConcept(code, SCHEME, f"Fracture at {point} operating point"[:64])
+
+
+def _yes_no(decision: str) -> hd.sr.CodedConcept:
+    return codes.SCT.Yes if decision == "fractured" else codes.SCT.No
+
+
+def _decisions(row: Mapping, model: ModelIdentity) -> list[hd.sr.QualitativeEvaluation]:
+    """Yes/No at the default threshold (``row["threshold"]``: the point the run used) and at
+    each named operating point (``decision_<name>``)."""
+    out = [hd.sr.QualitativeEvaluation(decision_concept("default"),
+                                       _yes_no(_at(row, "default", model)))]
+    for name in model.thresholds:
+        if name != "default":
+            out.append(hd.sr.QualitativeEvaluation(decision_concept(name),
+                                                   _yes_no(row[f"decision_{name}"])))
+    return out
+
+
+def _at(row: Mapping, point: str, model: ModelIdentity) -> str:
+    """The decision at ``point`` from the row's probability (``decision`` follows whichever
+    point the run was asked for; the SR states each point explicitly)."""
+    return "fractured" if row["prob_fractured"] >= model.thresholds[point] else "non_fractured"
+
+
+def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    params = [f"{k} threshold {v:.6f}" for k, v in model.thresholds.items()]
+    return hd.sr.AlgorithmIdentification(name=model.model_id, version=f"bonefrac {model.version}",
+                                         parameters=params + [f"fingerprint {model.fingerprint}"])
+
+
+def box_polyline(row: Mapping, source: Dataset) -> np.ndarray:
+    """The box (fractions ``box_x0..box_y1``) as a closed 5-point polyline, ``(5, 2)`` float32
+    (column, row) in the source image's pixel coordinates."""
+    w, h = float(source.Columns), float(source.Rows)
+    x0, y0, x1, y1 = (float(row[k]) for k in ("box_x0", "box_y0", "box_x1", "box_y1"))
+    pts = [(x0 * w, y0 * h), (x1 * w, y0 * h), (x1 * w, y1 * h), (x0 * w, y1 * h),
+           (x0 * w, y0 * h)]
+    return np.asarray(pts, dtype=np.float32)
+
+
+def image_group(row: Mapping, source: Dataset, model: ModelIdentity, index: int
+                ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for one image: the box region, P(fracture), peak score, decisions."""
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(row, source),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+    algo = _algorithm(model)
+    measurements = [
+        hd.sr.Measurement(name=codes.DCM.Probability, value=float(row["prob_fractured"]),
+                          unit=codes.UCUM.NoUnits),
+        hd.sr.Measurement(name=PEAK_SCORE, value=float(row["box_score"]),
+                          unit=codes.UCUM.NoUnits)]
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("roi", [source.SOPInstanceUID], model),
+            identifier=f"image {index + 1} box"),
+        referenced_region=region, finding_type=FRACTURE, algorithm_id=algo,
+        measurements=measurements, qualitative_evaluations=_decisions(row, model))
+
+
+def study_group(study: Mapping, sources: Sequence[Dataset], model: ModelIdentity
+                ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for the study row of :func:`bonefrac.inference.study.study_rows`."""
+    algo = _algorithm(model)
+    # max P >= t exactly when some image is fractured at t: the study rule, per point
+    evaluations = [hd.sr.QualitativeEvaluation(decision_concept(p), _yes_no(_at(study, p, model)))
+                   for p in model.thresholds]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("study", [s.SOPInstanceUID for s in sources], model),
+            identifier="study"),
+        finding_type=FRACTURE, method=STUDY_RULE, algorithm_id=algo,
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability,
+                                        value=float(study["prob_fractured"]),
+                                        unit=codes.UCUM.NoUnits)],
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s)
+                       for s in sources])
+
+
+def build_sr(rows: Sequence[Mapping], sources: Sequence[Dataset], study: Mapping,
+             model: ModelIdentity) -> hd.sr.ComprehensiveSR:
+    """The study's SR. ``rows[i]`` is the prediction row of ``sources[i]`` (a dataset read
+    without pixel data is enough); ``study`` its study row."""
+    uids = [s.SOPInstanceUID for s in sources]
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=result_uid("device", [model.model_id], model), name="bonefrac",
+            manufacturer_name=MANUFACTURER, model_name=model.model_id[:64]))
+    groups = [image_group(r, s, model, i)
+              for i, (r, s) in enumerate(zip(rows, sources, strict=True))]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=hd.sr.CodedConcept("363680008", "SCT", "Radiographic imaging"),
+        imaging_measurements=[*groups, study_group(study, sources, model)])
+    report[0].ContentSequence.append(_disclaimer())
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(sources), content=report[0],
+        series_instance_uid=result_uid("sr-series", uids, model),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid("sr", uids, model),
+        instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+        series_description="bonefrac AI result - RESEARCH USE ONLY")
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+    return sr
+
+
+def _disclaimer() -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: "Qualitative Evaluations" (UMLS C0034375) holding the disclaimer."""
+    box = hd.sr.ContainerContentItem(
+        name=hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    box.ContentSequence = hd.sr.ContentSequence([hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=f"{BANNER}. {DISCLAIMER}",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)])
+    return box
+
+
+def _private_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = "bonefrac result concepts"
+    item.CodingSchemeResponsibleOrganization = "bonefrac project (research use only)"
+    return item
+
+
+# ------------------------------------------------------------------- the Secondary Capture
+def with_banner(figure: Image.Image, text: str = BANNER) -> np.ndarray:
+    """``figure`` (RGB) with a red strip carrying ``text`` on top: ``(H + strip, W, 3)`` uint8.
+    The font is sized so that the text fits the figure's width."""
+    w = figure.width
+    size = max(10, min(w // 28, 64))
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while size > 8 and probe.textlength(text, font=font) > w - 8:
+        size -= 1
+        font = _font(size)
+    strip = round(size * 1.8)
+    out = Image.new("RGB", (w, figure.height + strip), (170, 0, 0))
+    out.paste(figure.convert("RGB"), (0, strip))
+    x = max(4, (w - probe.textlength(text, font=font)) / 2)
+    ImageDraw.Draw(out).text((x, (strip - size) / 2), text, fill=(255, 255, 255), font=font)
+    return np.asarray(out)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def build_sc(overlay_png: Path, source: Dataset, model: ModelIdentity, index: int
+             ) -> hd.sc.SCImage:
+    """The Secondary Capture of one image: its overlay PNG (``row["heatmap"]`` of
+    ``predict_files(..., explain=True)``) with the banner, in the source's study."""
+    with Image.open(overlay_png) as im:
+        pixels = with_banner(im)
+    orientation = tuple(source.get("PatientOrientation") or ())
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB",
+        bits_allocated=8, coordinate_system="PATIENT",
+        series_instance_uid=result_uid("sc-series", [source.StudyInstanceUID], model),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=result_uid("sc", [source.SOPInstanceUID], model),
+        instance_number=index + 1, manufacturer=MANUFACTURER,
+        patient_orientation=orientation if len(orientation) == 2 else ("L", "F"),
+        series_description="bonefrac heat map - RESEARCH USE ONLY",
+        transfer_syntax_uid="1.2.840.10008.1.2.1")
+    if len(orientation) != 2:  # Type 2: empty when unknown, rather than a made-up direction
+        sc.PatientOrientation = ""
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = f"{BANNER}. {DISCLAIMER}"[:10240]
+    sc.DerivationDescription = (f"bonefrac {model.model_id} heat map, box and P(fracture) of "
+                                f"SOP Instance {source.SOPInstanceUID}")
+    return sc
