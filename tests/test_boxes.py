@@ -184,3 +184,21 @@ def test_from_letterbox_crops_the_bars_of_a_heat_map():
     loc = localise(out)
     assert loc.peak[0] == pytest.approx([0.81, 0.5], abs=0.05)
     assert out[0, 0].max() < 0.6  # the bar's 0.5 is gone from the top row
+
+
+def test_training_boxes_move_into_the_letterbox_frame(tmp_path):
+    """The trainer's per-image targets for a letterbox run: a fractured 400x200 image's box
+    (fractions of the image) lands on the image's part of the square; stretch keeps it."""
+    from PIL import Image
+
+    from bonefrac.data.dataset import Sample
+    from bonefrac.training.trainer import _image_boxes
+
+    Image.fromarray(np.zeros((200, 400), np.uint8)).save(tmp_path / "f.png")
+    samples = [Sample(tmp_path / "f.png", "f.png", 1), Sample(tmp_path / "f.png", "n.png", 0)]
+    boxes = {"f.png": np.array([[0.0, 0.0, 0.5, 1.0]], np.float32)}
+    per, mask = _image_boxes(samples, boxes, "letterbox")
+    assert per[0] == pytest.approx(np.array([[0.0, 0.25, 0.5, 0.75]]))
+    assert len(per[1]) == 0 and mask.tolist() == [1.0, 1.0]
+    per, _ = _image_boxes(samples, boxes, "stretch")
+    assert per[0] == pytest.approx(boxes["f.png"])
