@@ -252,7 +252,7 @@ def dicom_phi(f: BinaryIO) -> dict[str, str]:
         import pydicom
 
         ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(PHI_TAGS))
-        return {k: str(ds.get(k).value) for k in PHI_TAGS if k in ds}
+        return {k: str(ds[k].value) for k in PHI_TAGS if k in ds}
     except Exception:  # an unreadable header is logged without its fields, never fatal
         return {}
     finally:

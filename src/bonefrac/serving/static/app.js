@@ -1,8 +1,11 @@
 // bonefrac web page: send one file to POST /v1/predict?explain=true and show the answer.
 // Plain DOM code, no libraries; every value from the server is set with textContent.
+// A server with --token-file answers 401: the page then asks for the token once and keeps it
+// in this tab's sessionStorage only (never localStorage or a cookie), sent as a Bearer header.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "bonefrac-token";
 let maxBytes = 32 * 1024 * 1024;
 let objectUrl = null;
 
@@ -11,6 +14,7 @@ const MESSAGES = {
   413: "The file is too large for this server.",
   415: "This file type is not supported. Send a JPEG, PNG, TIFF, BMP, GIF, WebP or DICOM file.",
   422: "The file could not be read as an image.",
+  429: "Too many requests from this token or address.",
   503: "The server is busy right now. Please try again in a moment.",
   504: "The server took too long to answer. Please try again.",
 };
@@ -33,9 +37,41 @@ function cell(row, text, cls) {
   row.appendChild(td);
 }
 
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+// Show the token form (and hide the upload area) after a 401; a stored token is dropped.
+function askToken(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("login").hidden = false;
+  $("drop").hidden = true;
+  $("login-error").textContent = message || "";
+  $("login-error").hidden = !message;
+  $("token").focus();
+}
+
+function useToken(e) {
+  e.preventDefault();
+  const token = $("token").value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("token").value = "";
+  $("login").hidden = true;
+  $("drop").hidden = false;
+  $("error").hidden = true;
+  loadModel();
+}
+
 async function loadModel() {
   try {
-    const r = await fetch("/v1/model");
+    const hadToken = sessionStorage.getItem(TOKEN_KEY) !== null;
+    const r = await fetch("/v1/model", { headers: authHeaders() });
+    if (r.status === 401) {
+      askToken(hadToken ? "That token was not accepted (wrong, expired or revoked)." : "");
+      return;
+    }
     if (!r.ok) throw new Error("HTTP " + r.status);
     const info = await r.json();
     $("disclaimer").textContent = info.disclaimer;
@@ -146,15 +182,23 @@ async function analyse(file) {
   form.append("file", file, file.name);
   let r;
   try {
-    r = await fetch("/v1/predict?explain=true", { method: "POST", body: form });
+    r = await fetch("/v1/predict?explain=true",
+                    { method: "POST", body: form, headers: authHeaders() });
   } catch (e) {
     showError("Could not reach the server. Is `bonefrac serve` still running?");
     return;
   }
   let data = null;
   try { data = await r.json(); } catch (e) { /* not JSON: use the status text */ }
+  if (r.status === 401) {
+    askToken("The server no longer accepts the token (expired or revoked): enter a new one.");
+    showError("Not analysed: the token was refused.");
+    return;
+  }
   if (!r.ok) {
-    const general = MESSAGES[r.status] || `The server answered ${r.status}.`;
+    let general = MESSAGES[r.status] || `The server answered ${r.status}.`;
+    const wait = r.headers.get("Retry-After");
+    if (wait && (r.status === 429 || r.status === 503)) general += ` Retry in ${wait} s.`;
     const detail = data && typeof data.detail === "string" ? " (" + data.detail + ")" : "";
     showError(general + detail);
     return;
@@ -170,6 +214,7 @@ function setOpacity() {
 
 $("file").addEventListener("change", (e) => { if (e.target.files[0]) analyse(e.target.files[0]); });
 $("opacity").addEventListener("input", setOpacity);
+$("login").addEventListener("submit", useToken);
 const drop = $("drop");
 for (const ev of ["dragenter", "dragover"]) {
   drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
