@@ -475,3 +475,51 @@ def test_serve_cli_https_with_tokens_and_audit_end_to_end(tmp_path, cert, capsys
     assert main(["audit", "verify", str(audit)]) == 0
     assert "2 lines" in capsys.readouterr().out
     assert [json.loads(x)["client"] for x in audit.read_text().splitlines()] == [None, "ward"]
+
+
+# ------------------------------------------------------------------------ the web page
+@pytest.mark.browser
+def test_page_asks_for_the_token_once_and_keeps_it_in_the_tab(ens, tmp_path):
+    """Chromium (Playwright) against a server with tokens: the page asks for the token,
+    refuses a wrong one, analyses with the right one, and keeps it in sessionStorage only."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip(f"{chromium} not installed (run scripts/install_browser.sh)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    tok = tokens(tmp_path / "tokens.json")
+    cfg = SecurityConfig(token_file=tmp_path / "tokens.json")
+    with serving(create_app(ens, security=cfg)) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_context().new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("#login:not([hidden])", timeout=30_000)
+        assert page.is_hidden("#drop") and page.is_hidden("#login-error")
+        page.fill("#token", tok["bob"])  # revoked
+        page.click("#login button")
+        page.wait_for_selector("#login-error:not([hidden])", timeout=30_000)
+        assert "not accepted" in page.text_content("#login-error")
+        page.fill("#token", tok["alice"])
+        page.click("#login button")
+        page.wait_for_selector("#drop:not([hidden])", timeout=30_000)
+        page.set_input_files("#file", str(IMAGES[0]))
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        assert page.text_content("#filename") == IMAGES[0].name
+        assert page.evaluate("sessionStorage.getItem('bonefrac-token')") == tok["alice"]
+        assert page.evaluate("localStorage.length") == 0
+        assert page.context.cookies() == []
+        assert page.input_value("#token") == ""  # not left in the form
+        # a new tab of the same browser has no token: sessionStorage is per tab
+        other = page.context.new_page()
+        other.goto(url + "/")
+        other.wait_for_selector("#login:not([hidden])", timeout=30_000)
+        assert other.evaluate("sessionStorage.length") == 0
+        # the token is revoked while the page is open: the next upload asks again
+        TokenStore(tmp_path / "tokens.json").revoke("alice")
+        page.set_input_files("#file", str(IMAGES[1]))
+        page.wait_for_selector("#login:not([hidden])", timeout=30_000)
+        assert page.evaluate("sessionStorage.getItem('bonefrac-token')") is None
+        assert errors == []
+        browser.close()
