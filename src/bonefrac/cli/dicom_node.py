@@ -33,7 +33,8 @@ def run(args) -> int:
     config = load_config(args.config)  # every key checked before the model loads
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for chatty in ("pynetdicom", "highdicom"):  # per-PDU / per-module INFO lines
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     ens = Ensemble.load(resolve_model(config.model), threads=1)
     node = DicomNode(config, ens, workers=config.threads)
     done = threading.Event()

@@ -122,7 +122,7 @@ def parse_config(raw: dict[str, Any], base: Path, where: str = "config") -> Node
     if "spool" not in raw:
         raise ConfigError(f"{where}: `spool` (the folder received images wait in) is required")
     send = _table(raw.get("send", {}), "send", {"retries", "retry_seconds"}, where)
-    port = _int(raw.get("port", 11112), "port", where, 1, 65535)
+    port = _int(raw.get("port", 11112), "port", where, 0, 65535)  # 0: any free port
     return NodeConfig(
         spool=_path(raw["spool"], base, "spool", where),
         allowed_callers=_callers(raw.get("allowed_callers"), where),

@@ -159,7 +159,7 @@ class DicomNode:
     # --------------------------------------------------------------------- network events
     def _on_requested(self, event) -> None:
         """Reject a caller that is not allowed from where it calls."""
-        aet = event.assoc.requestor.ae_title
+        aet = event.assoc.requestor.primitive.calling_ae_title  # ae_title is set only later
         address = event.assoc.requestor.address
         if not self.config.caller_allowed(aet, address):
             self.stats["rejected_associations"] += 1
