@@ -61,11 +61,11 @@ def add_security_arguments(p) -> None:
     g.add_argument("--audit-phi", action="store_true",
                    help="also log file names and DICOM patient/study fields (PatientName, "
                         "PatientID, ...): only where your ethics approval allows it")
-    g.add_argument("--audit-max-mb", type=float, default=64.0,
+    g.add_argument("--audit-max-mb", type=float, default=64.0, metavar="MB",
                    help="rotate the audit log to FILE.<UTC time> beyond this size")
     g.add_argument("--rate-limit", type=float, default=600.0, metavar="PER_MIN",
                    help="requests per minute per token (per address without one); 0: off")
-    g.add_argument("--rate-burst", type=int, default=60,
+    g.add_argument("--rate-burst", type=int, default=60, metavar="N",
                    help="requests a client may send at once before --rate-limit applies")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://viewer.example.org) call "
@@ -102,13 +102,25 @@ def check_security(args) -> None:
             raise CLIError(f"--token-file {args.token_file}: no such file (make it with "
                            f"`bonefrac token create --token-file {args.token_file} --name "
                            "NAME`)")
-        if args.token_file.stat().st_mode & 0o077:
-            print(f"warning: {args.token_file} is readable by others; chmod 600 it",
-                  file=sys.stderr)
+        _check_token_file(args.token_file)
     if args.rate_limit < 0 or args.rate_burst < 1:
         raise CLIError("--rate-limit must be >= 0 and --rate-burst >= 1")
     if args.audit_max_mb * 2**20 < 4096:
         raise CLIError("--audit-max-mb must be at least 0.004 (4 KiB)")
+
+
+def _check_token_file(path: Path) -> None:
+    from bonefrac.serving.auth import TokenFileError, TokenStore
+
+    try:
+        entries = TokenStore(path).entries()
+    except TokenFileError as e:
+        raise CLIError(str(e)) from None
+    if not any(e.status() == "active" for e in entries):
+        print(f"warning: {path} has no active token: every API request will get 401",
+              file=sys.stderr)
+    if path.stat().st_mode & 0o077:
+        print(f"warning: {path} is readable by others; chmod 600 it", file=sys.stderr)
 
 
 def security_config(args):

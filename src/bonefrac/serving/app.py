@@ -237,7 +237,8 @@ def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict,
     if security.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(security.cors_origins),
                            allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"])
     app.add_middleware(RecordMiddleware, audit=audit, hsts=security.hsts,
                        model={"model_id": ens.model_id,
                               "model_fingerprint": model_fingerprint(ens)})
@@ -370,7 +371,7 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
         timeout_s: per-request deadline from arrival to answer (408 upload, 504 inference).
         threads: ONNX Runtime threads per run; default: the CPUs shared among ``workers``.
         security: tokens, rate limit, audit log, CORS, HSTS (``serving.security``); default:
-            no tokens, no audit, the default rate limit per address.
+            none of them.
     Raises:
         ModelFileError: the model folder is missing, tampered with or malformed.
         TokenFileError: the token file is not a bonefrac token file.

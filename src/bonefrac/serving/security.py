@@ -65,14 +65,15 @@ class SecurityConfig:
 
     token_file: token store; None: no authentication. audit_log: JSON-lines file; None: no
     audit. audit_phi: also log file names and DICOM patient fields. rate_per_minute /
-    rate_burst: per-client limit (None: off). cors_origins: origins allowed to call the API
+    rate_burst: per-client limit (None: off, the library default; ``bonefrac serve`` turns
+    it on with 600 per minute, bursts of 60). cors_origins: origins allowed to call the API
     from a browser (empty: CORS off). hsts: send Strict-Transport-Security (TLS is on)."""
 
     token_file: Path | None = None
     audit_log: Path | None = None
     audit_phi: bool = False
     audit_max_bytes: int = 64 * 2**20
-    rate_per_minute: float | None = 600.0
+    rate_per_minute: float | None = None
     rate_burst: int = 60
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     hsts: bool = False
