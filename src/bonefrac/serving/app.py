@@ -223,7 +223,9 @@ def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict,
     app = FastAPI(
         title="bonefrac", version=__version__, lifespan=lifespan,
         description="P(fractured) for musculoskeletal radiographs, with Grad-CAM heat maps. "
-                    + DISCLAIMER,
+                    + ("Every /v1 route needs 'Authorization: Bearer TOKEN' (a token from "
+                       "`bonefrac token create`); 401 without one, 429 over the rate limit. "
+                       if security.token_file else "") + DISCLAIMER,
         docs_url=None, redoc_url=None)  # the stock pages load Swagger/ReDoc from a CDN
     app.state.ensemble = ens
     app.state.limits = limits
