@@ -138,6 +138,24 @@ def test_token_cli_stores_only_salted_hashes_in_a_0600_file(tmp_path, capsys):
     assert f"token file {f}" in capsys.readouterr().err
 
 
+def test_token_and_audit_commands_need_no_serve_extra(tmp_path):
+    """`bonefrac token` and `bonefrac audit` run with fastapi/uvicorn unimportable (an auditor's
+    machine need not have the server installed)."""
+    log = AuditLog(tmp_path / "a.jsonl")
+    log.append({"endpoint": "/v1/model", "status": 200})
+    log.close()
+    blocked = ("fastapi", "uvicorn", "starlette", "multipart", "python_multipart")
+    for argv, want in [(["token", "create", "--token-file", str(tmp_path / "t.json"),
+                         "--name", "x"], "bf_"),
+                       (["audit", "verify", str(tmp_path / "a.jsonl")], "ok: 1 lines")]:
+        code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+                "from bonefrac.cli.main import main\n"
+                f"sys.exit(main({argv!r}))\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0 and out.stdout.startswith(want), out.stderr
+
+
 # ----------------------------------------------------------------- auth + TLS + headers
 def test_tokens_and_https_on_a_real_server(ens, cert, tmp_path):
     tok = tokens(tmp_path / "tokens.json")
