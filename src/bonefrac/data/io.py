@@ -16,6 +16,8 @@ import importlib
 import os
 import stat
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,9 @@ from bonefrac.data.limits import (
 from bonefrac.data.preprocess import letterbox_rect
 
 __all__ = ["DICOM_SUFFIXES", "DISPLAY_MAX_SIDE", "FORMATS", "IMAGE_SUFFIXES", "MAX_PIXELS",
-           "MIN_SIDE", "ImageReadError", "ImageRefused", "check_dimensions", "decode_pil",
-           "image_size", "load_gray", "open_formats"]
+           "MIN_SIDE", "OUT_OF_MEMORY", "Decoded", "ImageReadError", "ImageRefused",
+           "check_dimensions", "decode_pil", "failure_reason", "image_size", "load_gray",
+           "load_inputs", "open_formats"]
 
 # Pillow raises its own DecompressionBombError above 2x MAX_PIXELS at open(); between 1x and 2x
 # it only warns, and decode_pil refuses those from the header, so its warning would only be noise.
@@ -52,6 +55,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 # Overlays are drawn at the original image's size, up to this many pixels on the longest side.
 DISPLAY_MAX_SIDE = 2048
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+OUT_OF_MEMORY = "out of memory while decoding"
 
 
 class ImageReadError(Exception):
@@ -147,6 +151,26 @@ def gray_from_array(image: np.ndarray, size: int | None = 224, resize: str = "st
         raise ValueError(str(e)) from None
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One file decoded for prediction (what :func:`load_inputs` returns).
+
+    - ``inputs``: ``{size: (size, size) uint8}``, one model input per requested size;
+    - ``display``: ``(H, W)`` uint8 at the image's own aspect, longest side at most
+      ``DISPLAY_MAX_SIDE`` (for overlays), or None when not asked for;
+    - ``width``, ``height``: the image's size in pixels as it is displayed (EXIF rotation
+      applied), as :func:`image_size` gives it;
+    - ``notes``: what a check run beside the decoder found ('' when nothing; see
+      :meth:`bonefrac.data.isolation.DecodePool.decode`).
+    """
+
+    inputs: dict[int, np.ndarray]
+    display: np.ndarray | None
+    width: int
+    height: int
+    notes: str = ""
+
+
 def load_gray(path: str | os.PathLike, size: int | None = 224, resize: str = "stretch"
               ) -> np.ndarray:
     """Read an image or DICOM file and return it as a ``(size, size)`` uint8 array.
@@ -155,51 +179,111 @@ def load_gray(path: str | os.PathLike, size: int | None = 224, resize: str = "st
     capped at ``DISPLAY_MAX_SIDE``. ``resize``: ``stretch`` or ``letterbox``.
 
     The format comes from the content, so a PNG named ``.jpg`` or a DICOM file with no
-    extension both work.
+    extension both work. This decodes in the calling process; files from outside go through
+    :mod:`bonefrac.data.isolation`, which runs :func:`load_inputs` in a worker process.
 
     Raises:
         ImageReadError: the file is missing, unreadable, not an image, truncated, too large or
             too small; ``.reason`` is one line saying which.
     """
+    if size is None:
+        return load_inputs(path, (), display=True).display
+    return load_inputs(path, (size,), resize=resize).inputs[size]
+
+
+def load_inputs(path: str | os.PathLike, sizes: Sequence[int] = (224,), display: bool = False,
+                resize: str = "stretch") -> Decoded:
+    """Decode a file for every model input size (and the display image) at once: a
+    :class:`Decoded` whose arrays equal ``load_gray(path, size, resize)`` for each size (and
+    ``load_gray(path, None)`` with ``display``).
+
+    Raises:
+        ImageReadError: as :func:`load_gray`. Every failure of a decoder becomes one (any
+            exception, and native ``BaseException`` subclasses such as pyo3's
+            ``PanicException``); KeyboardInterrupt, SystemExit and GeneratorExit pass through.
+    """
     p = Path(path)
     # Some libraries flip this global; a truncated radiograph must be refused, never padded.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    targets: list[int | None] = [*sizes, *([None] if display else [])]
     try:
         _check_regular_file(p)
-        if _is_dicom(p):
-            return decode_pil(_dicom_to_pil(p), size, resize)
-        try:
-            im = Image.open(p, formats=open_formats())
-        except UnidentifiedImageError:
-            if p.suffix.lower() in DICOM_SUFFIXES:  # DICOM without the 128-byte preamble
-                return decode_pil(_dicom_to_pil(p), size, resize)
-            raise
-        with im:
-            return decode_pil(im, size, resize)
+        arrays, (width, height) = _decode_targets(p, targets, resize)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
     except ImageReadError:
         raise
-    except ImageRefused as e:
-        raise ImageReadError(p, str(e)) from None
-    except ImportError as e:  # an optional decoder (pydicom) is not installed
-        raise ImageReadError(p, str(e)) from None
-    except FileNotFoundError:
-        raise ImageReadError(p, "file not found") from None
-    except PermissionError:
-        raise ImageReadError(p, "permission denied") from None
-    except IsADirectoryError:
-        raise ImageReadError(p, "is a directory") from None
+    except BaseException as e:  # a malformed file can trip any parser; never a traceback
+        raise ImageReadError(p, failure_reason(e)) from None
+    inputs = dict(zip(sizes, arrays[:len(sizes)], strict=True))
+    return Decoded(inputs, arrays[-1] if display else None, width, height)
+
+
+def _decode_targets(p: Path, targets: Sequence[int | None], resize: str
+                    ) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """:func:`decode_pil` of the file for each target size, and the stored image's size.
+
+    A JPEG is opened anew for each target (``draft`` fixes libjpeg's scale for the target);
+    other formats are decoded once and every target is resized from the same pixels.
+    """
+    im = _open(p)
+    try:
+        out, (w, h) = [], im.size
+        size = (h, w) if _transposed(im) else (w, h)
+        for i, target in enumerate(targets):
+            if i and im.format == "JPEG":
+                im.close()
+                im = _open(p)
+            out.append(decode_pil(im, target, resize))
+        return out, size
+    finally:
+        im.close()
+
+
+def _transposed(im: Image.Image) -> bool:
+    """Whether the EXIF orientation swaps width and height (orientations 5 to 8)."""
+    return im.getexif().get(0x0112) in (5, 6, 7, 8)
+
+
+def _open(p: Path) -> Image.Image:
+    """A regular file as a Pillow image: lazily opened, or (DICOM) decoded to ``'L'``."""
+    if _is_dicom(p):
+        return _dicom_to_pil(p)
+    try:
+        return Image.open(p, formats=open_formats())
     except UnidentifiedImageError:
-        raise ImageReadError(p, "not a recognised image format (supported: JPEG, PNG, TIFF, "
-                                "BMP, GIF, WebP, JPEG 2000, PNM, DICOM)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(p, f"image too large, not decoded ({e})") from None
-    except MemoryError:
-        raise ImageReadError(p, "out of memory while decoding") from None
-    except OSError as e:  # errno set: the file system said no; else Pillow: corrupt/truncated
-        reason = f"cannot read file: {e.strerror}" if e.strerror else f"cannot decode image: {e}"
-        raise ImageReadError(p, reason) from None
-    except Exception as e:  # a malformed file can trip any parser; never a traceback
-        raise ImageReadError(p, f"cannot decode image ({type(e).__name__}: {e})") from None
+        if p.suffix.lower() in DICOM_SUFFIXES:  # DICOM without the 128-byte preamble
+            return _dicom_to_pil(p)
+        raise
+
+
+def failure_reason(e: BaseException) -> str:
+    """The one-line, per-file reason for whatever a decoder raised (never a traceback)."""
+    if isinstance(e, ImageRefused | ImportError):  # ImportError: an optional decoder is missing
+        return one_line(str(e))
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory"
+    if isinstance(e, UnidentifiedImageError):
+        return ("not a recognised image format (supported: JPEG, PNG, TIFF, BMP, GIF, WebP, "
+                "JPEG 2000, PNM, DICOM)")
+    if isinstance(e, Image.DecompressionBombError):
+        return one_line(f"image too large, not decoded ({e})")
+    if isinstance(e, MemoryError):
+        return OUT_OF_MEMORY
+    if isinstance(e, OSError):  # errno set: the file system said no; else Pillow: corrupt
+        return one_line(f"cannot read file: {e.strerror}" if e.strerror
+                        else f"cannot decode image: {e}")
+    return one_line(f"cannot decode image ({type(e).__name__}: {e})")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -213,8 +297,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(p, formats=open_formats()) as im:
             w, h = im.size
-            swapped = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientation: transposed
-        return (h, w) if swapped else (w, h)
+            return (h, w) if _transposed(im) else (w, h)
     except Exception:  # DICOM, or a file load_gray will name the problem of
         h, w = load_gray(p, None).shape
         return w, h
