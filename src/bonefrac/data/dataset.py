@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac import CLASSES
-from bonefrac.data.io import IMAGE_SUFFIXES, ImageReadError, load_gray
+from bonefrac.data.io import IMAGE_SUFFIXES, ImageReadError
+from bonefrac.data.isolation import decode_file
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
@@ -203,7 +204,7 @@ def near_duplicate_groups(paths: Sequence[Path], max_bits: int = 8) -> list[str]
     """
     def hashes(p: Path) -> np.ndarray | None:
         try:
-            return phash_variants(load_gray(p, 64))
+            return phash_variants(decode_file(p, (64,)).inputs[64])
         except ImageReadError:
             return None
 
@@ -231,7 +232,8 @@ def decode_all(samples: Sequence[Sample], size: int, *, resize: str = "stretch",
                desc: str = "decoding", cache_dir: str | os.PathLike | None = None
                ) -> tuple[np.ndarray, list[Sample], list[tuple[str, str]]]:
     """Decode samples to ``(N, size, size)`` uint8 (``resize``: stretch or letterbox),
-    skipping unreadable files.
+    skipping unreadable files. Each file is decoded in the isolated decode pool
+    (:mod:`bonefrac.data.isolation`): one that crashes or hangs its decoder is skipped too.
 
     Returns (images, kept samples, skipped (file, reason)). With ``cache_dir`` the decoded array
     is kept in a ``.npz`` keyed by paths, sizes and mtimes, so later runs skip decoding.
@@ -252,7 +254,7 @@ def decode_all(samples: Sequence[Sample], size: int, *, resize: str = "stretch",
 
     def one(s: Sample):
         try:
-            return load_gray(s.path, size, resize), None
+            return decode_file(s.path, (size,), resize=resize).inputs[size], None
         except ImageReadError as e:
             return None, e.reason
 
