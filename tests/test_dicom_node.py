@@ -302,6 +302,10 @@ def test_node_predicts_a_study_and_delivers_sr_and_captures(make_node, receiver,
 def test_node_rejects_unknown_callers_and_refuses_bad_data(make_node, receiver, tmp_path):
     node = make_node(node_config(tmp_path, receiver.port, max_instance_mb=0.2))
     good = make_study(tmp_path / "in", 1)
+    minimal = dcmread(good[0])  # without the Type 2 patient/study attributes: still served
+    for key in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyID", "AccessionNumber"):
+        delattr(minimal, key)
+    minimal.save_as(good[0], enforce_file_format=True)
     assert send(node.port, good, aet="STRANGER") is None  # unknown calling AE
     assert send(node.port, good, bind="127.0.0.2") is None  # allowed AE, wrong address
     assert node.stats["rejected_associations"] == 2

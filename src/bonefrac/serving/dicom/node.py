@@ -52,6 +52,7 @@ STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.12.1": "X-Ray Angiographic Image Storage",
     "1.2.840.10008.5.1.4.1.1.12.2": "X-Ray Radiofluoroscopic Image Storage",
 }
+STUDY_WORKERS = 2  # studies processed at once (see DicomNode._work)
 OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0xA700, 0xC000
 REJECT_PERMANENT, REJECT_SOURCE_USER, REJECT_CALLING_AET = 0x01, 0x01, 0x03
 
@@ -124,8 +125,8 @@ class DicomNode:
         self._server = self.ae.start_server((self.config.host, self.config.port), block=False,
                                             evt_handlers=handlers,
                                             ssl_context=self._ssl_context())
-        for name, target in (("bonefrac-node-worker", self._work),
-                             ("bonefrac-node-sender", self.sender.run)):
+        targets = [(f"bonefrac-node-worker-{i}", self._work) for i in range(STUDY_WORKERS)]
+        for name, target in [*targets, ("bonefrac-node-sender", self.sender.run)]:
             t = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -203,7 +204,10 @@ class DicomNode:
 
     # --------------------------------------------------------------------------- studies
     def _work(self, stop: threading.Event) -> None:
-        for batch in list(self.spool.unfinished()):
+        """One study worker: unfinished batches of a previous run first, then settled studies.
+        ``STUDY_WORKERS`` of these run at once, so that one thread's ONNX Runtime inference
+        (which releases the GIL) overlaps another's result building (Python)."""
+        while (batch := self.spool.claim_unfinished()) is not None:
             self._process_safely(batch)
         while not stop.is_set():
             for study in self.spool.settled(self.config.settle_seconds):
@@ -223,6 +227,8 @@ class DicomNode:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(batch.folder), target)
             write_json(target / "reason.json", {"error": f"{type(e).__name__}: {e}"})
+        finally:
+            self.spool.release(batch)
 
     def process(self, batch: Batch) -> None:
         """Predict a batch, queue its SR and Secondary Captures, log its rows, mark it done."""

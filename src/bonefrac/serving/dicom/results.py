@@ -20,6 +20,7 @@ rather than duplicates.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,22 @@ class ModelIdentity:
 def result_uid(kind: str, sources: Sequence[str], model: ModelIdentity) -> str:
     """A UID that depends only on ``kind``, the source SOP Instance UIDs and the model."""
     return generate_uid(entropy_srcs=[kind, model.fingerprint, *sorted(sources)])
+
+
+# Patient and study attributes of Type 2 (present, possibly empty) in every image IOD, which
+# highdicom copies from the source; some senders leave them out altogether.
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+         "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def with_type2(source: Dataset) -> Dataset:
+    """A copy of ``source`` with each missing :data:`TYPE2` attribute present and empty
+    ("unknown" in DICOM), so that the results inherit exactly what the source says."""
+    ds = copy.deepcopy(source)
+    for key in TYPE2:
+        if key not in ds:
+            setattr(ds, key, "")
+    return ds
 
 
 # ---------------------------------------------------------------------------------- the SR
@@ -157,6 +174,7 @@ def build_sr(rows: Sequence[Mapping], sources: Sequence[Dataset], study: Mapping
              model: ModelIdentity) -> hd.sr.ComprehensiveSR:
     """The study's SR. ``rows[i]`` is the prediction row of ``sources[i]`` (a dataset read
     without pixel data is enough); ``study`` its study row."""
+    sources = [with_type2(s) for s in sources]
     uids = [s.SOPInstanceUID for s in sources]
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -231,6 +249,7 @@ def build_sc(overlay_png: Path, source: Dataset, model: ModelIdentity, index: in
     ``predict_files(..., explain=True)``) with the banner, in the source's study."""
     with Image.open(overlay_png) as im:
         pixels = with_banner(im)
+    source = with_type2(source)
     orientation = tuple(source.get("PatientOrientation") or ())
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB",
@@ -245,6 +264,10 @@ def build_sc(overlay_png: Path, source: Dataset, model: ModelIdentity, index: in
     if len(orientation) != 2:  # Type 2: empty when unknown, rather than a made-up direction
         sc.PatientOrientation = ""
     sc.BurnedInAnnotation = "YES"
+    ref = Dataset()  # the image this capture was derived from (PS3.3 C.7.6.1.1.4)
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = (source.SOPClassUID,
+                                                               source.SOPInstanceUID)
+    sc.SourceImageSequence = [ref]
     sc.ImageComments = f"{BANNER}. {DISCLAIMER}"[:10240]
     sc.DerivationDescription = (f"bonefrac {model.model_id} heat map, box and P(fracture) of "
                                 f"SOP Instance {source.SOPInstanceUID}")

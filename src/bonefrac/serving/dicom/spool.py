@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,7 @@ class Spool:
                      "dead-letter", "log"):
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._active: set[str] = set()  # studies a worker thread is processing now
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -121,11 +122,13 @@ class Spool:
 
     def claim(self, study: str) -> Batch | None:
         """Move ``incoming/<study>`` to ``processing/`` (one rename, under the receipt lock),
-        behind any earlier unfinished batch of the same study."""
+        behind any earlier unfinished batch of the same study. None when there is nothing to
+        claim or another thread is processing this study (call :meth:`release` when done)."""
         with self._lock:
             src = self.root / "incoming" / study
-            if not src.is_dir():
+            if study in self._active or not src.is_dir():
                 return None
+            self._active.add(study)
             dest = self.root / "processing" / study
             if dest.exists():  # a batch left from before a restart: process it first
                 return Batch(study, dest)
@@ -133,11 +136,18 @@ class Spool:
             _fsync_dir(dest.parent)
         return Batch(study, dest)
 
-    def unfinished(self) -> Iterator[Batch]:
-        """Batches a previous run claimed and did not finish."""
-        for d in sorted((self.root / "processing").iterdir()):
-            if d.is_dir():
-                yield Batch(d.name, d)
+    def claim_unfinished(self) -> Batch | None:
+        """A batch a previous run claimed and did not finish, if one is left unclaimed."""
+        with self._lock:
+            for d in sorted((self.root / "processing").iterdir()):
+                if d.is_dir() and d.name not in self._active:
+                    self._active.add(d.name)
+                    return Batch(d.name, d)
+        return None
+
+    def release(self, batch: Batch) -> None:
+        with self._lock:
+            self._active.discard(batch.study)
 
     def done_record(self, study: str) -> dict:
         try:
