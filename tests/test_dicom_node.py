@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -124,7 +125,8 @@ class Receiver:
         self.server.shutdown()
 
 
-def node_config(tmp: Path, dest_port: int, dest_aet: str = "RESULTS", **over) -> Path:
+def node_config(tmp: Path, dest_port: int, dest_aet: str = "RESULTS", tail: str = "",
+                **over) -> Path:
     lines = [f'spool = "{tmp / "spool"}"', 'ae_title = "BONEFRAC"', 'host = "127.0.0.1"',
              f"port = {over.pop('port', 0)}", f"settle_seconds = {over.pop('settle', 0.3)}"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in over.items() if k != "send"]
@@ -134,7 +136,7 @@ def node_config(tmp: Path, dest_port: int, dest_aet: str = "RESULTS", **over) ->
               "[[destinations]]", f'ae_title = "{dest_aet}"', 'host = "127.0.0.1"',
               f"port = {dest_port}"]
     path = tmp / "node.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + tail)
     return path
 
 
@@ -153,10 +155,10 @@ def send(port: int, files: list[Path], aet: str = "SENDER", bind: str | None = N
         assoc.release()
 
 
-def echo(port: int, aet: str = "SENDER") -> bool:
+def echo(port: int, aet: str = "SENDER", tls_args=None) -> bool:
     ae = AE(ae_title=aet)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="BONEFRAC")
+    assoc = ae.associate("127.0.0.1", port, ae_title="BONEFRAC", tls_args=tls_args)
     if not assoc.is_established:
         return False
     ok = int(assoc.send_c_echo().Status) == 0
@@ -327,6 +329,20 @@ def test_node_rejects_unknown_callers_and_refuses_bad_data(make_node, receiver, 
     assert (tmp_path / "spool" / "quarantine" / f"{broken.SOPInstanceUID}.dcm").is_file()
     assert echo(node.port)  # still up
     wait_for(lambda: receiver.of_class(ComprehensiveSRStorage), 60, "the good image's SR")
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")
+def test_tls_associations_only(make_node, receiver, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True,
+                   capture_output=True)
+    node = make_node(node_config(tmp_path, receiver.port,
+                                 tail=f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'))
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    assert echo(node.port, tls_args=(ctx, "localhost"))
+    assert not echo(node.port)  # plain TCP is not spoken
 
 
 def test_restart_finishes_the_spool_and_dead_letters_what_cannot_be_sent(

@@ -42,6 +42,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # reach it over TLS (verified against [tls] ca, else the system CAs)
 
     @property
     def name(self) -> str:
@@ -51,10 +52,11 @@ class Destination:
 
 @dataclass(frozen=True)
 class TLSConfig:
-    """TLS for incoming associations (and outgoing ones when ``ca`` is set).
+    """TLS for incoming associations, and for destinations with ``tls = true``.
 
-    ``cert``/``key``: the node's certificate and key (PEM). ``ca``: when set, callers must
-    present a certificate signed by it, and destinations are verified against it.
+    ``cert``/``key``: the node's certificate and key (PEM), also its client certificate
+    towards destinations. ``ca``: when set, callers must present a certificate signed by it,
+    and destinations are verified against it (else against the system's CAs).
     """
 
     cert: Path
@@ -170,13 +172,14 @@ def _destinations(value: Any, where: str) -> tuple[Destination, ...]:
 
 
 def _destination(value: Any, i: int, where: str) -> Destination:
-    d = _table(value, f"destinations[{i}]", {"ae_title", "host", "port"}, where)
+    d = _table(value, f"destinations[{i}]", {"ae_title", "host", "port", "tls"}, where)
     missing = [k for k in ("ae_title", "host", "port") if k not in d]
     if missing:
         raise ConfigError(f"{where}: destinations[{i}] lacks {', '.join(missing)}")
     return Destination(_ae_title(d["ae_title"], f"destinations[{i}].ae_title", where),
                        _str(d["host"], f"destinations[{i}].host", where),
-                       _int(d["port"], f"destinations[{i}].port", where, 1, 65535))
+                       _int(d["port"], f"destinations[{i}].port", where, 1, 65535),
+                       _bool(d.get("tls", False), f"destinations[{i}].tls", where))
 
 
 def _tls(value: Any, base: Path, where: str) -> TLSConfig | None:

@@ -133,11 +133,14 @@ class Sender:
         return error
 
     def _tls(self, dest: Destination):
-        tls = self.config.tls
-        if tls is None or tls.ca is None:
+        """``(context, server name)`` for a ``tls = true`` destination, else None."""
+        if not dest.tls:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        tls = self.config.tls
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls and tls.ca else None)
+        if tls is not None:
+            ctx.load_cert_chain(str(tls.cert), str(tls.key))
         return ctx, dest.host
 
 
