@@ -352,6 +352,8 @@ def test_restart_finishes_the_spool_and_dead_letters_what_cannot_be_sent(
     first = DicomNode(load_config(node_config(tmp_path, closed, settle=3600)), ens, workers=1)
     first.start()
     assert send(first.port, files) == [0]
+    with pytest.raises(OSError, match="in use by another"):  # one node per spool
+        DicomNode(load_config(node_config(tmp_path, closed)), ens).start()
     first.stop()  # acknowledged, never processed
     assert first.spool.pending() == 1
     # restarted with a short settle time: processes what the first run acknowledged; the

@@ -120,6 +120,7 @@ class DicomNode:
     def start(self) -> None:
         """Listen on ``host:port`` (non-blocking) and start the processing and sender threads;
         batches a previous run left unfinished are processed first."""
+        self.spool.acquire()
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, lambda e: 0),
                     (evt.EVT_C_STORE, self._on_store)]
         self._server = self.ae.start_server((self.config.host, self.config.port), block=False,
@@ -145,6 +146,7 @@ class DicomNode:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=60)
+        self.spool.close()
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         tls = self.config.tls

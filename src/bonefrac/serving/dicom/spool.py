@@ -20,6 +20,7 @@ restart and processes it again (its results get the same UIDs). A SOP Instance U
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -65,6 +66,26 @@ class Spool:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._active: set[str] = set()  # studies a worker thread is processing now
+
+    def acquire(self) -> None:
+        """Take the spool for this process (one node per spool: a second one would process
+        the same batches) and drop the half-written files an earlier run left in ``tmp/``
+        (never acknowledged). Raises OSError naming the spool when another node holds it."""
+        self._lockfile = open(self.root / ".lock", "a")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockfile.close()
+            raise OSError(f"spool {self.root} is in use by another bonefrac dicom-node") from None
+        for f in (self.root / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+    def close(self) -> None:
+        lock = getattr(self, "_lockfile", None)
+        if lock is not None:
+            lock.close()  # releases the flock
+            self._lockfile = None
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -115,7 +136,10 @@ class Spool:
         quiet = []
         for d in (self.root / "incoming").iterdir():
             with contextlib.suppress(FileNotFoundError):
-                last = (d / LAST).stat().st_mtime
+                try:
+                    last = (d / LAST).stat().st_mtime
+                except FileNotFoundError:  # stopped between an accept and its touch
+                    last = d.stat().st_mtime
                 if now - last >= settle_seconds:
                     quiet.append((last, d.name))
         return [s for _, s in sorted(quiet)]
