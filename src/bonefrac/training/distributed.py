@@ -54,6 +54,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from bonefrac.inference.runners import default_threads
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -108,8 +110,9 @@ class Dist:
 
     @property
     def cpu_threads(self) -> int:
-        """Intra-op threads: the node's cores shared by its ranks (torchrun's default is 1)."""
-        return max(1, (os.cpu_count() or 1) // self.local_world)
+        """Intra-op threads: the cores this process may run on (its affinity mask: a SLURM or
+        container cpuset, taskset), shared by the node's ranks (torchrun's default is 1)."""
+        return max(1, default_threads() // self.local_world)
 
     def describe(self, batch_size: int, lrs: Sequence[float]) -> str:
         """The log line stating device, precision and the effective batch size and rates."""
