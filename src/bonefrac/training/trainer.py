@@ -183,7 +183,8 @@ class FeatureCache:
         Measured here, ONNX Runtime runs these forward passes 3-6x faster than torch eager,
         and they dominate the training time; the activations agree to ~1e-6.
         """
-        if next(self.lower.parameters()).is_cuda:  # GPU: torch (bf16 autocast), not ORT's CPU
+        # The model's device, not the lower blocks': full fine-tuning leaves them empty.
+        if next(self.model.parameters()).is_cuda:  # GPU: torch (bf16 autocast), not ORT's CPU
             def run(outputs, feed):
                 a = run_blocks(self.lower, feed["input"], len(feed["input"]))
                 if "pooled" not in outputs:
