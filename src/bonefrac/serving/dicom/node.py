@@ -123,9 +123,13 @@ class DicomNode:
         self.spool.acquire()
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, lambda e: 0),
                     (evt.EVT_C_STORE, self._on_store)]
-        self._server = self.ae.start_server((self.config.host, self.config.port), block=False,
-                                            evt_handlers=handlers,
-                                            ssl_context=self._ssl_context())
+        try:
+            self._server = self.ae.start_server((self.config.host, self.config.port),
+                                                block=False, evt_handlers=handlers,
+                                                ssl_context=self._ssl_context())
+        except BaseException:  # e.g. the port is taken: leave the spool free
+            self.spool.close()
+            raise
         targets = [(f"bonefrac-node-worker-{i}", self._work) for i in range(STUDY_WORKERS)]
         for name, target in [*targets, ("bonefrac-node-sender", self.sender.run)]:
             t = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
