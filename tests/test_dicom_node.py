@@ -278,6 +278,7 @@ def test_predict_by_study(tmp_path):
 
 
 # ------------------------------------------------------- node against pynetdicom peers
+@pytest.mark.slow
 def test_node_predicts_a_study_and_delivers_sr_and_captures(make_node, receiver, tmp_path):
     files = make_study(tmp_path / "in", 2)
     node = make_node(node_config(tmp_path, receiver.port))
@@ -345,6 +346,7 @@ def test_tls_associations_only(make_node, receiver, tmp_path):
     assert not echo(node.port)  # plain TCP is not spoken
 
 
+@pytest.mark.slow
 def test_restart_finishes_the_spool_and_dead_letters_what_cannot_be_sent(
         ens, receiver, tmp_path):
     files = make_study(tmp_path / "in", 1)

@@ -23,7 +23,6 @@ import shutil
 import ssl
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -71,13 +70,14 @@ def decodable_syntaxes() -> list[str]:
     return out
 
 
-def unreadable_reason(path: Path, sizes: Sequence[int]) -> str:
-    """'' when bonefrac can decode ``path`` at the model's input ``sizes``, else the reason.
+def unreadable_reason(path: Path, ens: Ensemble) -> str:
+    """'' when bonefrac can decode ``path`` for ``ens`` (its input sizes and resizing), else
+    the reason.
 
     The one place the node checks readability at C-STORE time: it decodes through the same
     function as prediction (``bonefrac.inference.predict._decode``).
     """
-    _, reason = _decode(path, sizes)
+    _, reason = _decode(path, sorted(ens.sizes), ens.resize)
     return reason
 
 
@@ -98,7 +98,6 @@ class DicomNode:
         self.model = ModelIdentity.from_info(model_info(ens))
         self.sender = Sender(config, self.spool.root, config.ae_title)
         self.poll, self.workers = poll_seconds, workers
-        self.sizes = sorted(ens.sizes)
         self.max_bytes = int(config.max_instance_mb * 2**20)
         self.stats = {"received": 0, "refused": 0, "rejected_associations": 0, "studies": 0}
         self._stop = threading.Event()
@@ -190,7 +189,7 @@ class DicomNode:
             if reason:
                 return self._refuse(data, sop, CANNOT_UNDERSTAND, reason, context)
             reason = receive(self.spool, data, study, series, sop,
-                             lambda p: unreadable_reason(p, self.sizes), **context)
+                             lambda p: unreadable_reason(p, self.ens), **context)
         except OSError as e:  # disk full, spool unwritable: the sender must retry later
             LOG.error("cannot spool %s: %s", sop, e)
             return _status(OUT_OF_RESOURCES, f"cannot spool: {e.strerror or e}")
