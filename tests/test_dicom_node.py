@@ -232,6 +232,11 @@ def test_study_rule_is_max_over_images_and_any_fractured():
     assert (s["prob_fractured"], s["max_file"], s["n_images"]) == (0.7, "b", 3)
     assert s["decision"] == "fractured" and s["decision_confirmation"] == "non_fractured"
     assert s["rule"] == RULE
+    # a decision other than the two classes (a gate's "uncertain") keeps a study from being
+    # cleared, and never outranks a fractured image
+    unsure = [{**rows[0], "decision": "uncertain"}, {**rows[0], "file": "d"}]
+    assert aggregate("1.2.4", unsure)["decision"] == "uncertain"
+    assert aggregate("1.2.5", [*unsure, rows[1]])["decision"] == "fractured"
     # grouping by study; a file without a study is left out
     out = study_rows(rows, {"a": "1.1", "b": "1.2", "c": "1.1"})
     assert [(r["study_instance_uid"], r["prob_fractured"]) for r in out] == [("1.1", 0.3),

@@ -5,7 +5,9 @@ of its images, and its decision at every operating point is ``fractured`` exactl
 one of its images is decided ``fractured`` at that point. The two statements agree because all
 images share each point's threshold: max P >= t if and only if some P >= t. A fracture is
 visible on some views only, so the view that shows it should decide the study; an average
-would dilute it. ``max_file`` names the image that set the study's probability.
+would dilute it. ``max_file`` names the image that set the study's probability. A decision
+other than the two classes (a gate's ``uncertain``) keeps a study without a fractured image
+from being called ``non_fractured``.
 
 Used by ``bonefrac predict --by-study`` and by the DICOM node (one rule in one place).
 """
@@ -66,10 +68,19 @@ def aggregate(study: str, rows: Sequence[Mapping]) -> dict:
     out = {"study_instance_uid": study, "n_images": len(rows),
            "prob_fractured": top["prob_fractured"], "max_file": top["file"]}
     for key in (k for k in rows[0] if k == "decision" or k.startswith("decision_")):
-        out[key] = CLASSES[int(any(r[key] == CLASSES[1] for r in rows))]
+        out[key] = _study_decision([r[key] for r in rows])
     out.update({"threshold": top.get("threshold"), "rule": RULE,
                 "model_id": top.get("model_id"), "version": top.get("version")})
     return out
+
+
+def _study_decision(decisions: Sequence[str]) -> str:
+    """``fractured`` if any image is; else any other value an image has that is not
+    ``non_fractured`` (e.g. a gate's ``uncertain``: the study is not cleared); else
+    ``non_fractured``."""
+    if CLASSES[1] in decisions:
+        return CLASSES[1]
+    return next((d for d in decisions if d != CLASSES[0]), CLASSES[0])
 
 
 def study_rows(rows: Sequence[Mapping], study_of: Mapping[str, str]) -> list[dict]:

@@ -92,26 +92,23 @@ def decision_concept(point: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code, SCHEME, f"Fracture at {point} operating point"[:64])
 
 
+UNKNOWN = hd.sr.CodedConcept("261665006", "SCT", "Unknown")
+
+
 def _yes_no(decision: str) -> hd.sr.CodedConcept:
-    return codes.SCT.Yes if decision == "fractured" else codes.SCT.No
+    """fractured -> Yes, non_fractured -> No, anything else (a gate's ``uncertain``) ->
+    Unknown."""
+    return {"fractured": codes.SCT.Yes, "non_fractured": codes.SCT.No}.get(decision, UNKNOWN)
 
 
 def _decisions(row: Mapping, model: ModelIdentity) -> list[hd.sr.QualitativeEvaluation]:
-    """Yes/No at the default threshold (``row["threshold"]``: the point the run used) and at
-    each named operating point (``decision_<name>``)."""
-    out = [hd.sr.QualitativeEvaluation(decision_concept("default"),
-                                       _yes_no(_at(row, "default", model)))]
-    for name in model.thresholds:
-        if name != "default":
-            out.append(hd.sr.QualitativeEvaluation(decision_concept(name),
-                                                   _yes_no(row[f"decision_{name}"])))
-    return out
-
-
-def _at(row: Mapping, point: str, model: ModelIdentity) -> str:
-    """The decision at ``point`` from the row's probability (``decision`` follows whichever
-    point the run was asked for; the SR states each point explicitly)."""
-    return "fractured" if row["prob_fractured"] >= model.thresholds[point] else "non_fractured"
+    """The decision at the default point (``decision``: the node predicts with the model's
+    default threshold) and at each named operating point (``decision_<name>``); works for an
+    image row and for a study row alike."""
+    return [hd.sr.QualitativeEvaluation(
+        decision_concept(name), _yes_no(row["decision" if name == "default"
+                                            else f"decision_{name}"]))
+        for name in model.thresholds]
 
 
 def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
@@ -154,9 +151,7 @@ def study_group(study: Mapping, sources: Sequence[Dataset], model: ModelIdentity
                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 for the study row of :func:`bonefrac.inference.study.study_rows`."""
     algo = _algorithm(model)
-    # max P >= t exactly when some image is fractured at t: the study rule, per point
-    evaluations = [hd.sr.QualitativeEvaluation(decision_concept(p), _yes_no(_at(study, p, model)))
-                   for p in model.thresholds]
+    evaluations = _decisions(study, model)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=result_uid("study", [s.SOPInstanceUID for s in sources], model),
