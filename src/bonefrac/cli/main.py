@@ -37,6 +37,7 @@ COMMANDS = {
     "train": ("train", "train a member by two-stage transfer learning (needs [train])"),
     "evaluate": ("evaluate", "evaluate a run or ensemble on a labelled folder (needs [eval])"),
     "ensemble": ("ensemble", "fit an ensemble from trained runs (needs [train])"),
+    "adapt": ("adapt", "fine-tune or recalibrate a model on a new site's labelled images"),
     "export": ("export", "export a run or ensemble to ONNX (needs [train])"),
     "models": ("models", "list the registered architectures"),
     "report": ("report", "self-contained HTML report + MODEL_CARD.md from evaluation results"),

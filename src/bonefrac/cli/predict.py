@@ -100,6 +100,12 @@ def add_arguments(p) -> None:
                         "model's default threshold, triage (sensitivity >= 0.95 on validation) "
                         "or confirmation (specificity >= 0.90 on validation); every point's "
                         "decision is also in its own decision_<name> column")
+    p.add_argument("--no-gate", action="store_true",
+                   help="keep the model's decision for images the input-domain gate flags "
+                        "(colour, smaller than 100 px, blank, aspect > 5:1, a DICOM modality "
+                        "or body part outside the training data, domain_score > 1); they "
+                        "still carry domain_score and the warning. Default: such rows get "
+                        "decision 'uncertain'")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
                    help="onnx: ONNX Runtime, no torch; torch: PyTorch (needs [train]); auto: "
                         "ONNX where the model has an export, else torch")
@@ -145,6 +151,9 @@ def run(args) -> int:
         raise CLIError("--by-study needs every image of a study in one run; it cannot be "
                        "combined with --shard")
     ens = Ensemble.load(resolve_model(args.model), backend=args.backend, threads=args.threads)
+    ens.gate_enabled = not args.no_gate
+    if ens.gate_note:  # the learned check is off for this model: say so before any work
+        print(f"note: {ens.gate_note}", file=sys.stderr)
     point = args.operating_point
     if point not in operating_point_names(ens):
         raise CLIError(f"--operating-point {point}: the model {ens.model_id} has none of that "

@@ -69,6 +69,9 @@ def export_model(model_dir: str | Path, out: str | Path) -> Path:
             if f and (src / f).resolve() != (out / f).resolve():
                 shutil.copy2(src / f, out / f)
         spec["weights_sha256"] = sha256_file(out / spec["weights"])
+    gate = meta.get("domain_gate")  # the same weights give the same features: it stays valid
+    if gate and (src / gate["file"]).resolve() != (out / gate["file"]).resolve():
+        shutil.copy2(src / gate["file"], out / gate["file"])
     meta["format"] = "bonefrac-ensemble/1"
     write_json(out / META_NAME, meta)
     return out

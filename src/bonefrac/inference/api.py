@@ -22,15 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac.data.io import ImageReadError, gray_from_array, image_size, load_gray
+from bonefrac.inference.domain import array_checks
 from bonefrac.inference.ensemble import Ensemble
 from bonefrac.inference.heatmap import upsample_map
 from bonefrac.inference.predict import (
     DEFAULT_BATCH,
-    blank_warning,
     image_warning,
     operating_point_names,
     predict_decoded,
-    size_warning,
 )
 from bonefrac.utils import display_path
 
@@ -54,7 +53,11 @@ class Result:
       point (None where the model has no such point);
     - ``peak_x``, ``peak_y``, ``box_x0`` .. ``box_y1``: where the heat map peaks and the box
       around it, fractions of the image's width/height; ``box_score`` the box's score;
-    - ``model_id``, ``version``, ``warning`` (plausibility notes, '' when none);
+    - ``domain_score``: the input-domain gate's learned check, > 1 outside the training
+      distribution (None where the model has no gate);
+    - ``model_id``, ``version``, ``warning`` (why the gate flagged the image: colour, small,
+      blank, aspect, DICOM modality/body part, outside the training distribution; '' when
+      none). A flagged image has ``decision == "uncertain"`` unless ``predict(gate=False)``;
     - ``heatmap``: with ``explain=True``, the fused map at the image's own size (the input
       array's shape; for a file, as ``load_gray(path, None)`` decodes it), float32 in [0, 1];
       else None.
@@ -75,6 +78,7 @@ class Result:
     box_x1: float
     box_y1: float
     box_score: float
+    domain_score: float | None
     model_id: str
     version: str
     warning: str
@@ -97,7 +101,7 @@ class Result:
             if getattr(self, f"decision_{name}") is not None:
                 out[f"decision_{name}"] = getattr(self, f"decision_{name}")
         for k in ("peak_x", "peak_y", "box_x0", "box_y0", "box_x1", "box_y1", "box_score",
-                  "model_id", "version", "warning"):
+                  "domain_score", "model_id", "version", "warning"):
             out[k] = getattr(self, k)
         return out
 
@@ -136,9 +140,14 @@ class Model:
         ops = self.ensemble.operating_points
         return {"default": self.threshold, **{k: float(v["threshold"]) for k, v in ops.items()}}
 
+    @property
+    def gate_note(self) -> str:
+        """'' when the input-domain gate's learned check is on, else why it is off."""
+        return self.ensemble.gate_note
+
     def predict(self, x: ImageLike | Sequence[ImageLike], *, explain: bool = False,
-                operating_point: str | None = None, batch_size: int = DEFAULT_BATCH
-                ) -> Result | list[Result]:
+                operating_point: str | None = None, batch_size: int = DEFAULT_BATCH,
+                gate: bool = True) -> Result | list[Result]:
         """Predict one image or several.
 
         Args:
@@ -149,6 +158,8 @@ class Model:
             operating_point: ``"default"`` (the model's threshold, also None), ``"triage"``
                 or ``"confirmation"``: whose threshold drives ``decision``.
             batch_size: images per model run.
+            gate: False keeps the model's decision for flagged images (the CLI's
+                ``--no-gate``); they still carry ``domain_score`` and ``warning``.
         Raises:
             ImageReadError: a file cannot be read (``.reason`` says why).
             ValueError: an array of the wrong shape or dtype, an unknown operating point.
@@ -162,11 +173,12 @@ class Model:
             raise ValueError("batch_size must be >= 1")
         out: list[Result] = []
         for i in range(0, len(items), batch_size):
-            out += self._predict_batch(items[i:i + batch_size], i, explain, operating_point)
+            out += self._predict_batch(items[i:i + batch_size], i, explain, operating_point,
+                                       gate)
         return out[0] if single else out
 
     def _predict_batch(self, items: list[ImageLike], start: int, explain: bool,
-                       point: str | None) -> list[Result]:
+                       point: str | None, gate: bool) -> list[Result]:
         sizes = sorted(self.ensemble.sizes)
         names, decoded, warnings = [], [], []
         for j, item in enumerate(items):
@@ -178,7 +190,7 @@ class Model:
         if self.ensemble.resize == "letterbox":  # its heat maps are mapped back by aspect
             aspects = [w / h for w, h in map(_item_size, items)]
         rows, pred = predict_decoded(self.ensemble, names, decoded, warnings, point=point,
-                                     aspects=aspects)
+                                     aspects=aspects, gate=gate)
         results = []
         for j, (item, row) in enumerate(zip(items, rows, strict=True)):
             heat = None
@@ -194,9 +206,7 @@ def _decode_item(item: ImageLike, index: int, sizes: Sequence[int], resize: str 
     """(file name for the row, ``{size: uint8 input}``, warning) for a path or an array."""
     if isinstance(item, np.ndarray):
         d = {s: gray_from_array(item, s, resize) for s in sizes}
-        h, w = item.shape
-        warning = "; ".join(filter(None, [size_warning(w, h, d[sizes[-1]]),
-                                          blank_warning(d[sizes[-1]])]))
+        warning = array_checks(item, d[sizes[-1]])
         return f"array[{index}]", d, warning
     if not isinstance(item, str | os.PathLike):
         raise ValueError(f"input {index}: expected a path or a numpy array, got "

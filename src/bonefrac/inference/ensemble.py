@@ -21,6 +21,7 @@ import numpy as np
 from bonefrac import FRACTURE_MAP, GRADCAM
 from bonefrac.data.preprocess import Preprocessing
 from bonefrac.inference.calibration import calibrated_prob, fuse
+from bonefrac.inference.domain import DomainGate, load_gate
 from bonefrac.inference.localise import Localisation, from_letterbox, localise, upsample
 from bonefrac.inference.model_folder import (
     META_NAME,
@@ -65,6 +66,7 @@ class Prediction:
     member_probs: dict[str, np.ndarray]  # name -> (N,)
     cam: np.ndarray | None = None
     loc: Localisation | None = None
+    domain_score: np.ndarray | None = None  # (N,) input-domain gate score, > 1: outside
 
 
 class Ensemble:
@@ -74,6 +76,11 @@ class Ensemble:
         self.root = root
         self.threshold = float(meta["threshold"])
         self.operating_points: dict[str, dict] = meta.get("operating_points", {})
+        # The input-domain gate (bonefrac.inference.domain): None with gate_note saying why.
+        # gate_enabled False (--no-gate) keeps scores and warnings but not "uncertain".
+        self.gate: DomainGate | None = None
+        self.gate_note = "domain gate off: not loaded"
+        self.gate_enabled = True
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -92,6 +99,9 @@ class Ensemble:
                    for spec in folder.members]
         ens = cls(members, folder.meta, folder.root)
         fuse({m.name: np.zeros(1) for m in members}, ens.weights)  # validates the weights
+        ens.gate, ens.gate_note = load_gate(
+            folder.root, folder.meta,
+            {m.name: bool(getattr(m.runner, "has_pooled", False)) for m in members}, verify)
         if len({m.preprocessing.resize for m in members}) > 1:  # one decode per size
             raise ModelFileError(f"{folder.root}: members mix stretch and letterbox resizing")
         return ens
@@ -120,6 +130,25 @@ class Ensemble:
         return {m.name: m.runner.run(m.preprocessing(gray[m.preprocessing.size]), want_cam)
                 for m in self.members}
 
+    def member_outputs(self, gray: Mapping[int, np.ndarray], want_cam: bool = False,
+                       want_pooled: bool = False
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
+        """:meth:`member_logits` plus each member's pooled features ``(N, C)`` (None where
+        not asked for or the runner has none), from one run per member."""
+        if not want_pooled:
+            return {k: (*v, None) for k, v in self.member_logits(gray, want_cam).items()}
+        return {m.name: m.runner.run_outputs(m.preprocessing(gray[m.preprocessing.size]),
+                                             want_cam, True)
+                if getattr(m.runner, "has_pooled", False) else
+                (*m.runner.run(m.preprocessing(gray[m.preprocessing.size]), want_cam), None)
+                for m in self.members}
+
+    def domain_scores(self, pooled: Mapping[str, np.ndarray | None]) -> np.ndarray | None:
+        """``(N,)`` gate scores (:meth:`DomainGate.score`), None without a usable gate."""
+        if self.gate is None or any(pooled.get(n) is None for n in self.gate.members):
+            return None
+        return self.gate.score(pooled)
+
     def predict_gray(self, gray: Mapping[int, np.ndarray] | np.ndarray,
                      explain: bool = False, aspect: np.ndarray | None = None) -> Prediction:
         """Fused prediction for ``{size: (N, size, size) uint8}`` decoded as ``self.resize``
@@ -130,11 +159,12 @@ class Ensemble:
         """
         if isinstance(gray, np.ndarray):
             gray = {s: gray for s in self.sizes}
-        outs = self.member_logits(gray, want_cam=explain)
+        outs = self.member_outputs(gray, want_cam=explain, want_pooled=self.gate is not None)
         probs = {m.name: calibrated_prob(outs[m.name][0], m.temperature) for m in self.members}
         prob = fuse(probs, self.weights)
+        domain = self.domain_scores({k: v[2] for k, v in outs.items()})
         if not explain:
-            return Prediction(prob, probs)
+            return Prediction(prob, probs, domain_score=domain)
         maps = [_member_map(m, outs[m.name][1]) for m in self.members]
         if self.resize == "letterbox":
             if aspect is None:
@@ -145,7 +175,8 @@ class Ensemble:
                                                                    strict=True))
         supervised = any(m.heatmap == FRACTURE_MAP for m in self.members)
         # The box's score: the fused fracture map's peak where a member has one, else P.
-        return Prediction(prob, probs, cam, localise(cam, None if supervised else prob))
+        return Prediction(prob, probs, cam, localise(cam, None if supervised else prob),
+                          domain)
 
     def decide(self, prob: np.ndarray | float, point: str | None = None):
         """True where P(fractured) >= the threshold (default or a named operating point)."""

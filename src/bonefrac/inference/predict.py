@@ -36,7 +36,15 @@ from bonefrac.data.io import (
     ImageReadError,
     image_size,
     load_gray,
-    open_formats,
+)
+from bonefrac.inference.domain import BLANK_STD as BLANK_STD  # re-exported for callers
+from bonefrac.inference.domain import (
+    MIN_SIDE,
+    UNCERTAIN,
+    blank_check,
+    cheap_checks,
+    row_gate,
+    size_check,
 )
 from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.localise import Localisation
@@ -46,10 +54,10 @@ from bonefrac.utils import display_path, write_json, write_text
 # Prediction also tries files without a suffix: DICOM exports often have none.
 PREDICT_SUFFIXES = IMAGE_SUFFIXES | {""}
 DEFAULT_BATCH = 8
-# Warnings (cheap checks, chosen so that none of the 4,148 reference radiographs trips them:
-# their smallest side is >= 111 px and their pixel standard deviation >= 12 grey levels).
-SMALL_SIDE = 64
-BLANK_STD = 4.0
+# Warnings: the input-domain gate's cheap checks (bonefrac.inference.domain, chosen so that
+# none of the 4,148 reference radiographs trips them); BLANK_STD and blank_warning re-exported.
+SMALL_SIDE = MIN_SIDE
+blank_warning = blank_check
 FORMAT = "bonefrac-predictions/1"
 # The operating point named "default": the model's own decision threshold.
 DEFAULT_POINT = "default"
@@ -126,30 +134,14 @@ def select_shard(pairs: Sequence[tuple[Path, str]], k: int, n: int) -> list[Path
 
 # ------------------------------------------------------------------------------------ batches
 def image_warning(path: Path, gray: np.ndarray) -> str:
-    """Cheap plausibility checks on a decoded ``(H, W)`` uint8 image; '' when nothing is odd."""
-    notes = []
-    try:  # header only: Image.open does not decode pixels (DICOM is not sized this way)
-        from PIL import Image
-
-        with Image.open(path, formats=open_formats()) as im:  # the formats load_gray accepts
-            w, h = im.size
-        notes.append(size_warning(w, h, gray))
-    except Exception:  # a size we cannot read is simply not checked
-        pass
-    notes.append(blank_warning(gray))
-    return "; ".join(filter(None, notes))
+    """The domain gate's cheap checks on a file and its decoded ``(S, S)`` uint8 model input
+    (:func:`bonefrac.inference.domain.cheap_checks`); '' when nothing is odd."""
+    return cheap_checks(path, gray)
 
 
 def size_warning(w: int, h: int, gray: np.ndarray) -> str:
-    """'' unless the original image (``w`` x ``h`` px) is smaller than ``SMALL_SIDE``."""
-    if min(w, h) < SMALL_SIDE:
-        return f"image only {w}x{h} px, upscaled to {gray.shape[1]} px"
-    return ""
-
-
-def blank_warning(gray: np.ndarray) -> str:
-    """'' unless the decoded model input is nearly uniform."""
-    return "nearly uniform image (blank?)" if float(gray.std()) < BLANK_STD else ""
+    """'' unless the original image (``w`` x ``h`` px) is too small or too elongated."""
+    return size_check(w, h)
 
 
 def _decode(path: Path, sizes: Sequence[int], resize: str = "stretch"
@@ -208,7 +200,8 @@ def image_aspects(ens: Ensemble, paths: Sequence[Path]) -> list[float] | None:
 def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
                     decoded: Sequence[Mapping[int, np.ndarray]],
                     warnings: Sequence[str] | None = None, *, point: str | None = None,
-                    aspects: Sequence[float] | None = None) -> tuple[list[dict], Prediction]:
+                    aspects: Sequence[float] | None = None, gate: bool | None = None
+                    ) -> tuple[list[dict], Prediction]:
     """Predict images already decoded: ``decoded[i]`` is ``{size: (size, size) uint8}`` for
     every input size of the ensemble (``ens.sizes``, resized as ``ens.resize`` says),
     ``names[i]`` the ``file`` of its row; ``aspects[i]`` its original width/height (needed by
@@ -219,15 +212,22 @@ def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
     image, in order, and the raw :class:`Prediction` (``cam`` for overlays). Used by the CLI
     (through :func:`predict_batch`), the REST server and the Python API. Raises what
     ``Ensemble.predict_gray`` raises.
+
+    ``warnings[i]``: the cheap checks' notes (:func:`image_warning`); with the learned check's
+    note they form the row's ``warning``, and a row with any makes ``decision`` "uncertain"
+    unless ``gate`` is False (None: ``ens.gate_enabled``, off with ``--no-gate``).
     """
     if not decoded:
         raise ValueError("no images to predict")
     warnings = list(warnings) if warnings is not None else [""] * len(decoded)
     gray = {s: np.stack([d[s] for d in decoded]) for s in sorted(ens.sizes)}
     pred = ens.predict_gray(gray, explain=True, aspect=aspects)
+    gate = ens.gate_enabled if gate is None else gate
+    scores = pred.domain_score
     rows = [make_row(ens, Path(name), pred.prob[i],
                      {k: v[i] for k, v in pred.member_probs.items()},
-                     warning=warnings[i], loc=loc_fields(pred.loc, i), point=point)
+                     warning=warnings[i], loc=loc_fields(pred.loc, i), point=point,
+                     domain_score=None if scores is None else float(scores[i]), gate=gate)
             for i, name in enumerate(names)]
     return rows, pred
 
@@ -359,7 +359,8 @@ def decision_threshold(ens: Ensemble, point: str | None = None) -> float:
 
 def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, float],
              warning: str = "", loc: dict[str, float] | None = None,
-             point: str | None = None) -> dict:
+             point: str | None = None, domain_score: float | None = None,
+             gate: bool = True) -> dict:
     """One output row (the columns of ``predictions.csv``, in order):
 
     - ``file``; ``prob_fractured``: the fused, calibrated P(fractured); ``prob_<member>``: each
@@ -372,31 +373,53 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
       ``p`` = 0.2 and confidence 0.8 - for ``non_fractured``);
     - ``decision_<name>``: the decision at each named operating point;
     - ``peak_x``, ``peak_y``, ``box_x0`` .. ``box_y1``, ``box_score``: where the heat map peaks
-      (``loc``, from :func:`loc_fields`); ``model_id``, ``version``, ``warning``.
+      (``loc``, from :func:`loc_fields`);
+    - ``domain_score``: the learned domain check (how far the image's features lie from the
+      training split's, over the limit met by 0.5% of validation images; > 1: outside the
+      training distribution; None without a gate); ``model_id``, ``version``;
+    - ``warning``: the cheap checks' notes (``warning``) and the learned check's, '; '-joined.
+      Any note makes ``decision`` "uncertain" when ``gate`` is on; ``decision_<name>`` keep
+      the model's answer at each point.
     """
     threshold = decision_threshold(ens, point)
     decision = bool(prob >= threshold)
+    warning = row_gate([warning], domain_score)
     row = {"file": display_path(path), "prob_fractured": round(float(prob), 6)}
     row.update({f"prob_{k}": round(float(v), 6) for k, v in member_probs.items()})
     row.update({
-        "decision": CLASSES[int(decision)],
+        "decision": UNCERTAIN if gate and warning else CLASSES[int(decision)],
         "confidence": round(float(max(prob, 1 - prob)), 6),
         "threshold": round(threshold, 6)})
     for name, op in ens.operating_points.items():
         row[f"decision_{name}"] = CLASSES[int(prob >= op["threshold"])]
     row.update(loc or {})
+    row["domain_score"] = None if domain_score is None else round(float(domain_score), 4)
     row.update({"model_id": ens.model_id, "version": __version__, "warning": warning})
     return row
 
 
 def model_fingerprint(ens: Ensemble) -> str:
-    """sha256 over what determines the outputs: member files, temperatures, fusion weights and
-    thresholds. Two runs with the same fingerprint give the same rows (``--resume``, merging)."""
+    """sha256 over what determines the outputs: member files, temperatures, fusion weights,
+    thresholds and the domain gate (its file, whether it is used and whether it decides). Two
+    runs with the same fingerprint give the same rows (``--resume``, merging)."""
     keys = ("name", "onnx_sha256", "weights_sha256", "temperature", "fusion_weight")
     spec = {"members": [{k: m.get(k) for k in keys} for m in ens.meta["members"]],
             "threshold": ens.threshold,
             "operating_points": {k: v["threshold"] for k, v in ens.operating_points.items()}}
+    if ens.meta.get("domain_gate"):  # models without a gate keep their fingerprint
+        spec["domain_gate"] = [ens.meta["domain_gate"].get("sha256"), ens.gate is not None,
+                               ens.gate_enabled]
+    elif not ens.gate_enabled:
+        spec["domain_gate"] = [None, False, False]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def gate_info(ens: Ensemble) -> dict:
+    """The ``domain_gate`` entry of the predictions header: whether the learned check ran,
+    whether flags decide ("uncertain"), and why the learned check is off if it is."""
+    return {"learned_check": ens.gate is not None, "decides": ens.gate_enabled,
+            "note": ens.gate_note or ("" if ens.gate_enabled else
+                                      "--no-gate: flags are warnings only")}
 
 
 def model_info(ens: Ensemble, point: str | None = None) -> dict:
@@ -406,7 +429,7 @@ def model_info(ens: Ensemble, point: str | None = None) -> dict:
             "version": __version__, "threshold": ens.threshold,
             "operating_points": {k: v["threshold"] for k, v in ens.operating_points.items()},
             "fusion_weights": ens.weights, "operating_point": point or DEFAULT_POINT,
-            "decision_threshold": decision_threshold(ens, point)}
+            "decision_threshold": decision_threshold(ens, point), "domain_gate": gate_info(ens)}
 
 
 def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, complete: bool = True,

@@ -16,7 +16,8 @@ PREDICTION_FIELDS: tuple[tuple[str, str], ...] = (
     ("file", "the uploaded file's name"),
     ("prob_fractured", "fused, calibrated P(fractured)"),
     ("prob_<member>", "each ensemble member's calibrated P(fractured)"),
-    ("decision", "fractured or non_fractured at `threshold`"),
+    ("decision", "fractured or non_fractured at `threshold`; uncertain when the input-domain "
+                 "gate flagged the image (`warning` says why)"),
     ("confidence", "max(p, 1 - p) of the fused probability p (prob_fractured): how far the "
                    "model is from undecided (0.5), whatever the threshold; not the probability "
                    "that the decision is right"),
@@ -24,7 +25,12 @@ PREDICTION_FIELDS: tuple[tuple[str, str], ...] = (
                   "the operating point asked for with `operating_point`"),
     ("decision_<point>", "the decision at each named operating point (triage, confirmation)"),
     ("model_id, version", "which model and which bonefrac made the prediction"),
-    ("warning", "plausibility notes on the image ('' when none)"),
+    ("warning", "why the input-domain gate flagged the image (colour, too small, blank, "
+                "aspect ratio, DICOM modality/body part, outside the training distribution; "
+                "'' when none)"),
+    ("domain_score", "the gate's learned check: how far the image's features lie from the "
+                     "training images', over a limit chosen on validation; > 1 is outside the "
+                     "training distribution (null where the model has no gate)"),
     ("peak_x, peak_y", "the heat map's peak, as fractions (0..1) of the image's width and "
                        "height from its top-left corner"),
     ("box_x0, box_y0, box_x1, box_y1", "the box around the peak (the connected region where "

@@ -14,10 +14,12 @@ from pathlib import Path
 from bonefrac import CLASSES, DISCLAIMER, __version__
 from bonefrac.data.dataset import DatasetIndex
 from bonefrac.evaluation.calibration import calibrated_prob
+from bonefrac.evaluation.domain_fit import fit_folder_gate
 from bonefrac.evaluation.evaluate import collect, evaluate_model
 from bonefrac.evaluation.fitting import fit_on_validation
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY, choose_threshold
 from bonefrac.inference.ensemble import META_NAME, Ensemble
+from bonefrac.inference.model_folder import ModelFolder
 from bonefrac.utils import sha256_file, write_json
 
 
@@ -47,12 +49,42 @@ def finalize_run(run: str | Path, index: DatasetIndex, policy: str = DEFAULT_POL
     return evaluate_model(run, index, split="test", backend="torch") if evaluate else mj
 
 
+def refit_on_validation(out: str | Path, index: DatasetIndex, *, fit_weights: str | None = None,
+                        policy: str = DEFAULT_POLICY, backend: str = "auto") -> dict:
+    """Fit temperatures, fusion weights, thresholds and operating points of the ensemble folder
+    ``out`` on ``index``'s VALIDATION split and write them into its ``ensemble_meta.json``
+    (weights untouched; ``backend="onnx"`` needs no torch). Returns the new meta."""
+    out = Path(out)
+    ens = Ensemble.load(out, backend=backend)
+    meta = ModelFolder.open(out).meta
+    val = collect(ens, index.split("val"), desc="validation")
+    fit = fit_on_validation(val.y, val.logits, fit_weights=fit_weights, policy=policy)
+    for m in meta["members"]:
+        # the member's own threshold, on its probabilities as calibrated inside the ensemble
+        t = fit["temperatures"][m["name"]]
+        alone, how = choose_threshold(val.y, calibrated_prob(val.logits[m["name"]], t), policy)
+        m.update(temperature=t, fusion_weight=fit["weights"][m["name"]], threshold=alone,
+                 threshold_how=how)
+    meta.update({
+        "weights_how": fit["weights_how"], "threshold": fit["threshold"],
+        "threshold_policy": policy, "threshold_how": fit["threshold_how"],
+        "operating_points": fit["operating_points"], "validation": fit["validation"],
+        "fitted_on": _fitted_on(index, len(val.y))})
+    write_json(out / META_NAME, meta)
+    return meta
+
+
 def fit_ensemble(runs: Sequence[str | Path], index: DatasetIndex, out: str | Path, *,
                  fit_weights: str | None = None, policy: str = DEFAULT_POLICY,
-                 model_id: str | None = None, export_onnx: bool = True) -> dict:
-    """Build ``out`` from trained ``runs``: copy members, fit on validation, export, evaluate.
+                 model_id: str | None = None, export_onnx: bool = True,
+                 extra_meta: dict | None = None, compare_with: str | Path | None = None
+                 ) -> dict:
+    """Build ``out`` from trained ``runs``: copy members, fit on validation, export, fit the
+    input-domain gate (training features, validation threshold), evaluate on test.
 
     The first run is the baseline the comparison table measures the ensemble against.
+    ``extra_meta`` goes into ``ensemble_meta.json`` (e.g. ``bonefrac adapt``'s parent);
+    ``compare_with``: a model evaluated beside it on the same test images (``comparison.md``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,26 +110,12 @@ def fit_ensemble(runs: Sequence[str | Path], index: DatasetIndex, out: str | Pat
             "version": __version__, "classes": list(CLASSES), "positive_class": 1,
             "disclaimer": DISCLAIMER, "baseline_member": members[0]["name"],
             "fusion": "P = sum_i w_i * sigmoid((z_i1 - z_i0) / T_i), sum_i w_i = 1",
-            "threshold": 0.5, "members": members}
+            "threshold": 0.5, "members": members, **(extra_meta or {})}
     write_json(out / META_NAME, meta)
-
-    ens = Ensemble.load(out, backend="torch")
-    val = collect(ens, index.split("val"), desc="validation")
-    fit = fit_on_validation(val.y, val.logits, fit_weights=fit_weights, policy=policy)
-    for m in members:
-        # the member's own threshold, on its probabilities as calibrated inside the ensemble
-        t = fit["temperatures"][m["name"]]
-        alone, how = choose_threshold(val.y, calibrated_prob(val.logits[m["name"]], t), policy)
-        m.update(temperature=t, fusion_weight=fit["weights"][m["name"]], threshold=alone,
-                 threshold_how=how)
-    meta.update({
-        "weights_how": fit["weights_how"], "threshold": fit["threshold"],
-        "threshold_policy": policy, "threshold_how": fit["threshold_how"],
-        "operating_points": fit["operating_points"], "validation": fit["validation"],
-        "fitted_on": _fitted_on(index, len(val.y))})
-    write_json(out / META_NAME, meta)
+    refit_on_validation(out, index, fit_weights=fit_weights, policy=policy, backend="torch")
     if export_onnx:
         from bonefrac.export.onnx import export_model
 
         export_model(out, out)
-    return evaluate_model(out, index, split="test")
+    fit_folder_gate(out, index, backend="onnx" if export_onnx else "torch")
+    return evaluate_model(out, index, split="test", compare_with=compare_with)
