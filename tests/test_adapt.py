@@ -26,10 +26,10 @@ def _bench():
 
 @pytest.fixture(scope="module")
 def shift(tmp_path_factory):
-    """A parent trained (64 px, one MobileNetV2) on 240 images without a single humerus
-    fracture, adapted on 240 images of humerus fractures and unseen non-fractured images."""
+    """A parent trained (64 px, one MobileNetV2) on 200 images without a single humerus
+    fracture, adapted on 180 images of humerus fractures and unseen non-fractured images."""
     out = tmp_path_factory.mktemp("shift")
-    return out, _bench().shift_experiment(SHARED_DATA, out, size=64, n_base=240, n_site=240)
+    return out, _bench().shift_experiment(SHARED_DATA, out, size=64, n_base=200, n_site=180)
 
 
 @needs_data
@@ -41,9 +41,9 @@ def test_adaptation_improves_the_unseen_region(shift):
     assert meta["parent"]["model_id"] == "parent-no-humerus"
     assert meta["parent"]["meta_sha256"] == sha256_file(out / "parent" / "ensemble_meta.json")
     site = out / "data" / "site"
-    assert meta["site"]["n_files"] == 240
+    assert meta["site"]["n_files"] == 180
     assert meta["site"]["manifest_csv_sha256"] == sha256_file(site / "manifest.csv")
-    assert meta["adapt"]["mode"] == "fine-tune" and meta["domain_gate"]["n_train"] == "144"
+    assert meta["adapt"]["mode"] == "fine-tune" and meta["domain_gate"]["n_train"] == "108"
     # warm start, not ImageNet: the adapted member moved away from the parent's weights
     assert meta["members"][0]["weights_sha256"] != json.loads(
         (out / "parent" / "ensemble_meta.json").read_text())["members"][0]["weights_sha256"]
