@@ -22,7 +22,10 @@ const MESSAGES = {
 function pct(p) { return (100 * p).toFixed(1) + " %"; }
 function css(f) { return (100 * f).toFixed(2) + "%"; }
 function isNum(v) { return typeof v === "number" && Number.isFinite(v); }
-function label(c) { return c === "fractured" ? "fractured" : "not fractured"; }
+function label(c) {
+  if (c === "uncertain") return "uncertain: outside what the model was trained on (see warning)";
+  return c === "fractured" ? "fractured" : "not fractured";
+}
 
 function showError(text) {
   $("status").textContent = "";
