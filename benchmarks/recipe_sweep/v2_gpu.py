@@ -16,6 +16,7 @@ on the runs done) would carry past ``--budget``; runs still going then are stopp
 
     python benchmarks/recipe_sweep/v2_gpu.py --pack .gpu/v2 --out $OUT --device cuda
     SMOKE=1 bash benchmarks/recipe_sweep/v2_gpu.sh      # the same, tiny, on this CPU
+    python benchmarks/recipe_sweep/v2_gpu.py --table round5.json    # its table again
 
 Writes to ``--out`` (the device tool returns at most 8 files): ``round5.json`` (everything),
 ``round5_val.jsonl`` (one v2_val line per run, with its spec), ``round5_table.md``,
@@ -53,6 +54,7 @@ SMOKE_RECIPE = ["--epochs-frozen", "0", "--epochs-finetune", "1", "--views", "2"
                 "--batch-size", "8", "--max-images", "16"]
 SMOKE_CHECK = ["--size", "224", "--epochs-frozen", "1", "--epochs-finetune", "1", "--views", "2",
                "--batch-size", "8", "--max-images", "16", "--loc-weight", "1.0"]
+CHECK_S = 180  # the most one CUDA-path check may take (measured: ~20-40 s on CPU, smoke)
 NO_TEST = "no readable images in split 'test'"  # finalize's test Results on a train+val pack
 
 
@@ -134,9 +136,10 @@ def launch(cmd: list[str], log: Path, env: dict, cores: set[int] | None, deadlin
     with log.open("a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        pre = (lambda: os.sched_setaffinity(0, cores)) if cores else None
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                             start_new_session=True, preexec_fn=pre)
+                             start_new_session=True)
+        if cores:  # before the child starts its threads (preexec_fn is unsafe with threads)
+            os.sched_setaffinity(p.pid, cores)
         try:
             rc = p.wait(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
@@ -174,6 +177,12 @@ def chain_cache(work: Path, chain: str) -> Path:
     if not (d / "decoded").exists():
         (d / "decoded").symlink_to(shared, target_is_directory=True)
     return d
+
+
+def say(line: str) -> None:
+    """One progress line, whole (workers print from several threads)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 # -- reading a run ----------------------------------------------------------------------------
@@ -268,11 +277,12 @@ def cuda_path(ctx: Ctx, nproc: int) -> dict:
     for name, pre in launchers.items():
         run, log = ctx.work / "runs" / f"check_{name}", ctx.work / "logs" / f"check_{name}.log"
         cmd = pre + ctx.train_cmd(run, M, extra)
-        env = run_env(ctx.work / "cache" / f"check_{name}", os.cpu_count() or 1)
-        rc, wall = launch(cmd, log, env, None, ctx.budget_end)
+        env = run_env(chain_cache(ctx.work, f"check_{name}"), len(os.sched_getaffinity(0)))
+        # a hung launcher (rendezvous, driver) must not eat the sweep's time
+        rc, wall = launch(cmd, log, env, None, min(ctx.budget_end, time.time() + CHECK_S))
         res[name] = {"cmd": " ".join(cmd), "wall_s": wall, **read_run(run, log, rc)}
-        print(f"[cuda path] {name}: {res[name]['status']} in {wall}s, "
-              f"{res[name].get('finetune_img_per_s')} img/s fine-tuning", flush=True)
+        say(f"[cuda path] {name}: {res[name]['status']} in {wall}s, "
+            f"{res[name].get('finetune_img_per_s')} img/s fine-tuning")
     aucs = [r.get("trainer_best_val_auc") for r in res.values()]
     res["same_val_auc"] = None if None in aucs else abs(aucs[0] - aucs[1]) < 0.01
     return res
@@ -375,7 +385,7 @@ class Sweep:
         env = run_env(chain_cache(ctx.work, spec.chain), len(cores))
         recipe = SMOKE_RECIPE if ctx.smoke else RECIPE
         t0 = time.time()
-        print(f"[sweep] start {spec.name} on worker {worker} (est {est:.0f}s)", flush=True)
+        say(f"[sweep] start {spec.name} on worker {worker} (est {est:.0f}s)")
         rc, wall = launch([ctx.py, *ctx.train_cmd(run, spec.arch, recipe + spec.args())],
                           log, env, cores, ctx.budget_end)
         res = {"spec": dataclasses.asdict(spec), "chain": spec.chain, "worker": worker,
@@ -383,11 +393,13 @@ class Sweep:
                **read_run(run, log, rc)}
         if res["status"].startswith("ok"):
             res["val"] = self._score(spec, run, log, env, cores)
+            if "error" in res["val"]:  # trained, but not scored: not a result
+                res["status"] = "val_stopped" if res["val"]["rc"] is None else "val_failed"
         res["wall_s"] = round(time.time() - t0, 1)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
         v = res.get("val") or {}
-        print(f"[sweep] done {spec.name}: {res['status']}, val AUC {v.get('val_auc')}, "
-              f"{res['wall_s']}s", flush=True)
+        say(f"[sweep] done {spec.name}: {res['status']}, val AUC {v.get('val_auc')}, "
+            f"{res['wall_s']}s")
         return res
 
     def _score(self, spec: Spec, run: Path, log: Path, env: dict, cores: set[int]) -> dict:
@@ -396,11 +408,10 @@ class Sweep:
         vlog = log.with_suffix(".val.log")
         cmd = [self.ctx.py, str(HERE / "v2_val.py"), "--data", str(self.ctx.data), str(run)]
         rc, _ = launch(cmd, vlog, env, cores, self.ctx.budget_end)
-        lines = [ln for ln in vlog.read_text().splitlines() if ln.startswith("{")] \
-            if vlog.exists() else []
+        text = vlog.read_text().splitlines() if vlog.exists() else []
+        lines = [ln for ln in text if ln.startswith("{")]
         if rc != 0 or not lines:
-            return {"error": f"v2_val exit {rc}", "log_tail": vlog.read_text().splitlines()[-10:]
-                    if vlog.exists() else []}
+            return {"error": f"v2_val exit {rc}", "rc": rc, "log_tail": text[-10:]}
         val = json.loads(lines[-1])
         with self.lock, (self.ctx.out / "round5_val.jsonl").open("a") as f:
             f.write(json.dumps({"run": run.name, "spec": dataclasses.asdict(spec), **val}) + "\n")
@@ -495,6 +506,19 @@ def environment(device: str, work: Path) -> dict:
     return env
 
 
+def pick_work(work: str) -> Path:
+    if work != "auto":
+        return Path(work)
+    options = [Path("/tmp/v2gpu_work"), ROOT / ".gpu" / "work"]
+    return max(options, key=lambda p: shutil.disk_usage(_existing(p)).free)
+
+
+def _existing(p: Path) -> Path:
+    while not p.exists():
+        p = p.parent
+    return p
+
+
 T0 = time.time()
 
 
@@ -502,15 +526,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pack", default=".gpu/v2", help="v2_pack.py build's folder")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/v2gpu_out"))
-    ap.add_argument("--work", default="/tmp/v2gpu_work", help="run folders, caches, logs")
+    ap.add_argument("--work", default="auto", help="run folders, caches, logs; auto: "
+                    "/tmp/v2gpu_work or .gpu/work in the repo, whichever disk has more room")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--budget", type=float, default=500, help="seconds for everything")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--nproc", type=int, default=1, help="torchrun --nproc-per-node (check)")
     ap.add_argument("--smoke", action="store_true", help="tiny runs (CPU check of the script)")
     ap.add_argument("--skip-check", action="store_true", help="sweep only")
+    ap.add_argument("--table", metavar="ROUND5_JSON", help="only print the markdown table of a "
+                    "saved round5.json (as the Round 5 README table)")
     a = ap.parse_args()
-    pack, out, work = (Path(p).resolve() for p in (a.pack, a.out, a.work))
+    if a.table:
+        print(table(json.loads(Path(a.table).read_text())["runs"]), end="")
+        return 0
+    pack, out, work = (Path(p).resolve() for p in (a.pack, a.out, pick_work(a.work)))
     if not (pack / "data" / "manifest.csv").exists():
         raise SystemExit(f"{pack}: no pack here (run v2_pack.py build)")
     shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,8 @@
 #   bash benchmarks/recipe_sweep/v2_gpu.sh            # on the device machine (python3 has torch)
 #   SMOKE=1 bash benchmarks/recipe_sweep/v2_gpu.sh    # here: tiny runs on the CPU, a few minutes
 # Knobs: BUDGET (seconds for everything, default 500), WORKERS (runs at once, default 4),
-# PACK (default .gpu/v2, or .gpu/v2smoke with SMOKE=1), WORK (run folders and caches).
+# PACK (default .gpu/v2, or .gpu/v2smoke with SMOKE=1), WORK (run folders and caches),
+# SKIP_CHECK=1 (sweep only, e.g. for a shorter second try).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/v2gpu_out}
@@ -22,8 +23,9 @@ else
   PY=${PY:-python3}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 3
   ARGS=(--device cuda --pack "${PACK:-.gpu/v2}" --workers "${WORKERS:-4}" --nproc 1
-        --budget "${BUDGET:-500}" --work "${WORK:-/tmp/v2gpu_work}")
+        --budget "${BUDGET:-500}" --work "${WORK:-auto}")
   NICE=()
 fi
+[ "${SKIP_CHECK:-0}" = 1 ] && ARGS+=(--skip-check)
 "${NICE[@]}" "$PY" benchmarks/recipe_sweep/v2_gpu.py --out "$OUT" "${ARGS[@]}" 2>&1 \
   | tee "$OUT/console.txt"
