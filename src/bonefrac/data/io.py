@@ -36,8 +36,8 @@ from bonefrac.data.preprocess import letterbox_rect
 
 __all__ = ["DICOM_SUFFIXES", "DISPLAY_MAX_SIDE", "FORMATS", "IMAGE_SUFFIXES", "MAX_PIXELS",
            "MIN_SIDE", "OUT_OF_MEMORY", "Decoded", "ImageReadError", "ImageRefused",
-           "check_dimensions", "decode_pil", "failure_reason", "image_size", "load_gray",
-           "load_inputs", "open_formats"]
+           "check_dimensions", "check_regular_file", "decode_pil", "failure_reason",
+           "image_size", "load_gray", "load_inputs", "open_formats"]
 
 # Pillow raises its own DecompressionBombError above 2x MAX_PIXELS at open(); between 1x and 2x
 # it only warns, and decode_pil refuses those from the header, so its warning would only be noise.
@@ -207,7 +207,7 @@ def load_inputs(path: str | os.PathLike, sizes: Sequence[int] = (224,), display:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     targets: list[int | None] = [*sizes, *([None] if display else [])]
     try:
-        _check_regular_file(p)
+        check_regular_file(p)
         arrays, (width, height) = _decode_targets(p, targets, resize)
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
@@ -303,7 +303,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return w, h
 
 
-def _check_regular_file(p: Path) -> None:
+def check_regular_file(p: Path) -> None:
     """Refuse, before opening, what is not a non-empty regular file (a FIFO would block)."""
     try:
         st = p.stat()  # follows symlinks

@@ -56,6 +56,8 @@ from bonefrac.data.io import (
     OUT_OF_MEMORY,
     Decoded,
     ImageReadError,
+    ImageRefused,
+    check_regular_file,
     failure_reason,
     one_line,
 )
@@ -359,6 +361,10 @@ class DecodePool:
             RuntimeError: the pool is closed.
         """
         sizes = [int(s) for s in sizes]
+        try:  # a stat, no parsing: empty files, folders and FIFOs never cost a round trip
+            check_regular_file(Path(path))
+        except (ImageRefused, OSError) as e:
+            raise ImageReadError(path, failure_reason(e)) from None
         payload = json.dumps({"path": os.path.abspath(path), "sizes": sizes,
                               "display": bool(display), "resize": resize,
                               "checks": checks}).encode()

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac.data.io import ImageReadError, gray_from_array, image_size, load_gray
+from bonefrac.data.io import Decoded, gray_from_array
+from bonefrac.data.isolation import decode_file
 from bonefrac.inference.domain import array_checks
 from bonefrac.inference.ensemble import Ensemble
 from bonefrac.inference.heatmap import upsample_map
 from bonefrac.inference.predict import (
     DEFAULT_BATCH,
-    image_warning,
+    FILE_CHECKS,
+    decoded_warning,
     operating_point_names,
     predict_decoded,
 )
@@ -179,57 +181,47 @@ class Model:
 
     def _predict_batch(self, items: list[ImageLike], start: int, explain: bool,
                        point: str | None, gate: bool) -> list[Result]:
-        sizes = sorted(self.ensemble.sizes)
+        sizes, resize = sorted(self.ensemble.sizes), self.ensemble.resize
         names, decoded, warnings = [], [], []
         for j, item in enumerate(items):
-            name, d, warning = _decode_item(item, start + j, sizes, self.ensemble.resize)
+            name, d, warning = _decode_item(item, start + j, sizes, resize, explain)
             names.append(name)
             decoded.append(d)
             warnings.append(warning)
         aspects = None
-        if self.ensemble.resize == "letterbox":  # its heat maps are mapped back by aspect
-            aspects = [w / h for w, h in map(_item_size, items)]
-        rows, pred = predict_decoded(self.ensemble, names, decoded, warnings, point=point,
-                                     aspects=aspects, gate=gate)
+        if resize == "letterbox":  # its heat maps are mapped back by aspect
+            aspects = [d.width / d.height for d in decoded]
+        rows, pred = predict_decoded(self.ensemble, names, [d.inputs for d in decoded],
+                                     warnings, point=point, aspects=aspects, gate=gate)
         results = []
-        for j, (item, row) in enumerate(zip(items, rows, strict=True)):
+        for j, (d, row) in enumerate(zip(decoded, rows, strict=True)):
             heat = None
-            if explain:
-                shape = _display_shape(item)
-                heat = upsample_map(pred.cam[j], (shape[1], shape[0])).astype(np.float32)
+            if explain:  # the file's display image, or the array's own shape
+                h, w = d.display.shape if d.display is not None else (d.height, d.width)
+                heat = upsample_map(pred.cam[j], (w, h)).astype(np.float32)
             results.append(Result.from_row(row, heat))
         return results
 
 
-def _decode_item(item: ImageLike, index: int, sizes: Sequence[int], resize: str = "stretch"
-                 ) -> tuple[str, dict[int, np.ndarray], str]:
-    """(file name for the row, ``{size: uint8 input}``, warning) for a path or an array."""
+def _decode_item(item: ImageLike, index: int, sizes: Sequence[int], resize: str = "stretch",
+                 display: bool = False) -> tuple[str, Decoded, str]:
+    """(file name for the row, the decoded item, warning) for a path or an array.
+
+    A file is decoded in the isolated decode pool, as ``bonefrac predict`` decodes it (with
+    the display image when ``display``); an array in this process (it is pixels already).
+    Raises ``ImageReadError`` for a file that cannot be used, ``ValueError`` for a bad array.
+    """
     if isinstance(item, np.ndarray):
-        d = {s: gray_from_array(item, s, resize) for s in sizes}
-        warning = array_checks(item, d[sizes[-1]])
-        return f"array[{index}]", d, warning
+        inputs = {s: gray_from_array(item, s, resize) for s in sizes}
+        h, w = item.shape[:2]
+        return f"array[{index}]", Decoded(inputs, None, w, h), \
+            array_checks(item, inputs[sizes[-1]])
     if not isinstance(item, str | os.PathLike):
         raise ValueError(f"input {index}: expected a path or a numpy array, got "
                          f"{type(item).__name__}")
     path = Path(item)
-    d = {s: load_gray(path, s, resize) for s in sizes}
-    return display_path(path), d, image_warning(path, d[sizes[-1]])
-
-
-def _item_size(item: ImageLike) -> tuple[int, int]:
-    """``(W, H)`` of an array or an image file (header only where the format allows)."""
-    if isinstance(item, np.ndarray):
-        return item.shape[1], item.shape[0]
-    return image_size(item)
-
-
-def _display_shape(item: ImageLike) -> tuple[int, int]:
-    if isinstance(item, np.ndarray):
-        return item.shape[:2]
-    try:
-        return load_gray(item, None).shape
-    except ImageReadError:  # it decoded a moment ago; the model's grid size is a fallback
-        return (224, 224)
+    d = decode_file(path, sizes, display=display, resize=resize, checks=FILE_CHECKS)
+    return display_path(path), d, decoded_warning(d, sizes[-1])
 
 
 def load(model: str | os.PathLike | None = "ensemble", *, backend: str = "auto",

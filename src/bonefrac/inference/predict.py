@@ -33,10 +33,11 @@ import numpy as np
 from bonefrac import CLASSES, DISCLAIMER, __version__
 from bonefrac.data.io import (
     IMAGE_SUFFIXES,
+    Decoded,
     ImageReadError,
     image_size,
-    load_gray,
 )
+from bonefrac.data.isolation import DecodePool, decode_file
 from bonefrac.inference.domain import BLANK_STD as BLANK_STD  # re-exported for callers
 from bonefrac.inference.domain import (
     MIN_SIDE,
@@ -144,48 +145,67 @@ def size_warning(w: int, h: int, gray: np.ndarray) -> str:
     return size_check(w, h)
 
 
-def _decode(path: Path, sizes: Sequence[int], resize: str = "stretch"
-            ) -> tuple[dict[int, np.ndarray] | None, str]:
-    """``({size: (size, size) uint8}, '')`` or ``(None, reason)``; never raises."""
+# The domain gate's file checks (size, colour thumbnail, DICOM header) parse the file, so they
+# run in the decode worker beside the decoder, never in this process.
+FILE_CHECKS = "bonefrac.inference.domain:file_checks"
+
+
+def decoded_warning(d: Decoded, size: int) -> str:
+    """The cheap checks of :func:`image_warning` for a file decoded by :func:`_decode`: the
+    worker's file checks (``d.notes``) and the blank check on the model input of ``size``."""
+    return "; ".join(filter(None, [d.notes, blank_warning(d.inputs[size])]))
+
+
+def _decode(path: Path, sizes: Sequence[int], resize: str = "stretch", *,
+            display: bool = False, pool: DecodePool | None = None
+            ) -> tuple[Decoded | None, str]:
+    """``(Decoded, '')`` or ``(None, reason)``; never raises. The file is decoded (with the
+    display image when ``display``) and checked in ``pool``, default the process's decode
+    pool (:mod:`bonefrac.data.isolation`): a decoder that crashes, hangs or runs out of
+    memory costs this file only."""
     try:
-        return {s: load_gray(path, s, resize) for s in sizes}, ""
+        return decode_file(path, sizes, display=display, resize=resize, checks=FILE_CHECKS,
+                           pool=pool), ""
     except ImageReadError as e:
         return None, e.reason
-    except Exception as e:  # a decoder bug must not cost other files their rows
+    except Exception as e:  # a bug here (not in the file) must not cost other files their rows
         return None, f"internal error while decoding ({type(e).__name__}: {e})"
 
 
 def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False,
-                  heatmap_dir: Path | None = None, point: str | None = None
-                  ) -> tuple[list[dict], list[dict]]:
-    """Decode (once per input size), run every member once and fuse: (rows, errors).
+                  heatmap_dir: Path | None = None, point: str | None = None,
+                  pool: DecodePool | None = None) -> tuple[list[dict], list[dict]]:
+    """Decode (each file once, in ``pool``: see :func:`_decode`), run every member once and
+    fuse: (rows, errors).
 
     ``point``: the operating point whose threshold drives ``decision`` (see
     :func:`decision_threshold`). Thread-safe; rows and errors keep the order of ``paths``.
     """
     sizes = sorted(ens.sizes)
+    overlays = explain and heatmap_dir is not None
     ok, decoded, errors = [], [], []
     for f in paths:
-        arr, reason = _decode(f, sizes, ens.resize)
-        if arr is None:
+        d, reason = _decode(f, sizes, ens.resize, display=overlays, pool=pool)
+        if d is None:
             errors.append({"file": display_path(f), "reason": reason})
         else:
             ok.append(f)
-            decoded.append(arr)
+            decoded.append(d)
     if not ok:
         return [], errors
     # warnings use the largest input a member saw
-    warnings = [image_warning(f, d[sizes[-1]]) for f, d in zip(ok, decoded, strict=True)]
+    warnings = [decoded_warning(d, sizes[-1]) for d in decoded]
+    aspects = None if ens.resize == "stretch" else [d.width / d.height for d in decoded]
     try:
-        rows, pred = predict_decoded(ens, ok, decoded, warnings, point=point,
-                                     aspects=image_aspects(ens, ok))
+        rows, pred = predict_decoded(ens, ok, [d.inputs for d in decoded], warnings,
+                                     point=point, aspects=aspects)
     except Exception as e:  # report the batch's files, keep the run going
         return [], errors + [{"file": display_path(f), "reason": f"inference failed ({e})"}
                              for f in ok]
-    if explain and heatmap_dir is not None:
+    if overlays:
         threshold = decision_threshold(ens, point)
         for i, (f, row) in enumerate(zip(ok, rows, strict=True)):
-            _write_overlay(row, f, pred.cam[i], heatmap_dir, threshold)
+            _write_overlay(row, f, decoded[i].display, pred.cam[i], heatmap_dir, threshold)
     return rows, errors
 
 
@@ -232,31 +252,33 @@ def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
     return rows, pred
 
 
-def _write_overlay(row: dict, f: Path, cam: np.ndarray, heatmap_dir: Path, threshold: float
-                   ) -> None:
-    """The overlay PNG at the original image's size; its path (or why not) goes into ``row``."""
+def _write_overlay(row: dict, f: Path, full: np.ndarray, cam: np.ndarray, heatmap_dir: Path,
+                   threshold: float) -> None:
+    """The overlay PNG of ``f`` drawn on ``full``, the ``(H, W)`` uint8 image at its own size
+    (decoded with the model inputs); its path (or why not) goes into ``row``."""
     from bonefrac.inference.heatmap import save_overlay
 
     try:
-        full = load_gray(f, None)
         row["heatmap"] = str(save_overlay(
             full, cam, heatmap_dir, f, prob=row["prob_fractured"], threshold=threshold,
             decision=row["decision"], box=[row[k] for k in BOX_COLUMNS[:4]],
             peak=[row["peak_x"], row["peak_y"]]))
-    except (OSError, ImageReadError) as e:  # e.g. disk full: the prediction itself is good
+    except OSError as e:  # e.g. disk full: the prediction itself is good
         row["heatmap"] = ""
         row["warning"] = "; ".join(filter(None, [row["warning"], f"heat map not written ({e})"]))
 
 
 def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEFAULT_BATCH,
                      workers: int | None = None, explain: bool = False,
-                     heatmap_dir: Path | None = None, point: str | None = None
+                     heatmap_dir: Path | None = None, point: str | None = None,
+                     pool: DecodePool | None = None
                      ) -> Iterator[tuple[int, list[dict], list[dict]]]:
     """Yield ``(n_files, rows, errors)`` per batch, in file order, as batches complete.
 
     ``workers`` batches run at once (default: one per CPU); a few more are queued so that no
     thread waits. Closing the iterator early (an interrupt) cancels the queued batches and
-    waits for the running ones (at most ``workers`` batches, well under a second).
+    waits for the running ones (at most ``workers`` batches, well under a second). ``pool``:
+    the decode pool (default: the process's, :func:`bonefrac.data.isolation.default_pool`).
     """
     if batch_size < 1:
         raise ValueError("batch size must be >= 1")
@@ -269,7 +291,8 @@ def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = 
         b = next(batches, None)
         if b is not None:
             pending.append((len(b), ex.submit(predict_batch, ens, b, explain=explain,
-                                              heatmap_dir=heatmap_dir, point=point)))
+                                              heatmap_dir=heatmap_dir, point=point,
+                                              pool=pool)))
 
     try:
         for _ in range(2 * workers):
@@ -286,7 +309,8 @@ def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = 
 def predict_files(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEFAULT_BATCH,
                   explain: bool = False, heatmap_dir: Path | None = None,
                   progress: bool = True, workers: int | None = None,
-                  on_batch=None, point: str | None = None) -> PredictResult:
+                  on_batch=None, point: str | None = None,
+                  pool: DecodePool | None = None) -> PredictResult:
     """Predict every file; unreadable files become error rows, never exceptions.
 
     ``on_batch(result)`` is called after each batch with the results so far (for checkpoints).
@@ -295,7 +319,8 @@ def predict_files(ens: Ensemble, files: Sequence[Path], *, batch_size: int = DEF
     with progress_bar(len(files), progress) as bar:
         for n, rows, errors in iter_predictions(ens, files, batch_size=batch_size,
                                                 workers=workers, explain=explain,
-                                                heatmap_dir=heatmap_dir, point=point):
+                                                heatmap_dir=heatmap_dir, point=point,
+                                                pool=pool):
             res.rows += rows
             res.errors += errors
             if on_batch:

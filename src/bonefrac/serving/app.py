@@ -16,8 +16,6 @@ import base64
 import io
 import logging
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,7 +31,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from bonefrac import DISCLAIMER, __version__
-from bonefrac.data.io import load_gray
+from bonefrac.data.io import Decoded
 from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.heatmap import heat_layer, render_overlay
 from bonefrac.inference.predict import (
@@ -59,7 +57,7 @@ from bonefrac.serving.security import (
     require_client,
     scrub_paths,
 )
-from bonefrac.serving.uploads import FORMATS_TEXT, UploadError, check_upload, decode_upload
+from bonefrac.serving.uploads import FORMATS_TEXT, UploadError, decode_upload
 
 log = logging.getLogger("bonefrac.serving")
 
@@ -117,19 +115,6 @@ def _png_base64(img: Image.Image | bytes) -> str:
     return base64.b64encode(img).decode("ascii")
 
 
-def display_gray(name: str, f: BinaryIO, max_bytes: int) -> np.ndarray:
-    """An upload at its own size and aspect, ``(H, W)`` uint8 (``load_gray(path, None)``, the
-    longest side capped), for the overlay figure; decoded from a temporary file with the
-    checked suffix exactly as ``decode_upload`` does. Raises as ``load_gray``/``check_upload``.
-    """
-    f.seek(0)
-    suffix = check_upload(name, f, max_bytes)
-    with tempfile.NamedTemporaryFile(prefix="bonefrac_upload_", suffix=suffix) as tmp:
-        shutil.copyfileobj(f, tmp, 1 << 20)
-        tmp.flush()
-        return load_gray(tmp.name, None)
-
-
 def explain_fields(ens: Ensemble, pred: Prediction, j: int, row: dict, display: np.ndarray,
                    threshold: float | None = None) -> dict:
     """The explain-only fields: the overlay figure at the upload's own size (the box and peak
@@ -151,49 +136,47 @@ def explain_fields(ens: Ensemble, pred: Prediction, j: int, row: dict, display: 
             "image_png_base64": _png_base64(Image.fromarray(display))}
 
 
-def _decode_one(ens: Ensemble, i: int, name: str, f: BinaryIO, explain: bool, max_bytes: int
-                ) -> tuple[dict[int, np.ndarray], str, np.ndarray]:
-    """One upload -> (model inputs, warning, the image to draw on). Raises ``UploadError``."""
-    g, warning = decode_upload(name, f, ens.sizes, max_bytes)
-    display = None
-    if explain:
-        try:
-            display = display_gray(name, f, max_bytes)
-        except Exception:  # it decoded once: draw on the model's input rather than fail
-            log.exception("decoding upload %r at its own size failed", name)
-    return g, warning, g[max(g)] if display is None else display
+def _decode_one(ens: Ensemble, name: str, f: BinaryIO, explain: bool, max_bytes: int
+                ) -> tuple[Decoded, str]:
+    """One upload -> (its model inputs and, with ``explain``, the image at its own size to
+    draw on; warning). Decoded once, in the isolated decode pool. Raises ``UploadError``."""
+    return decode_upload(name, f, ens.sizes, max_bytes, display=explain, resize=ens.resize)
 
 
 def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain: bool,
                     max_bytes: int, point: str | None = None) -> tuple[list[dict], list[dict]]:
     """Decode and predict uploads as one batch (runs on a worker thread).
 
-    Decoding is ``serving.uploads`` (checked, then ``load_gray``); prediction and rows are the
-    CLI's own (:func:`bonefrac.inference.predict.predict_decoded`). Returns (rows, errors): a
-    row per good file (the CLI's predictions.json row, ``decision`` at operating point
-    ``point``, plus ``index`` and, with ``explain``, the images of :func:`explain_fields`) and
-    ``{"index", "file", "status", "reason"}`` per bad one.
+    Decoding is ``serving.uploads`` (checked, streamed to a temporary file, decoded in the
+    isolated decode pool: a file that crashes or hangs its decoder is a 422, never a 500);
+    prediction and rows are the CLI's own (:func:`bonefrac.inference.predict.predict_decoded`).
+    Returns (rows, errors): a row per good file (the CLI's predictions.json row, ``decision``
+    at operating point ``point``, plus ``index`` and, with ``explain``, the images of
+    :func:`explain_fields`) and ``{"index", "file", "status", "reason"}`` per bad one.
     """
     decoded, errors = [], []
     for i, (name, f) in enumerate(uploads):
         try:
-            decoded.append((i, name, *_decode_one(ens, i, name, f, explain, max_bytes)))
+            decoded.append((i, name, *_decode_one(ens, name, f, explain, max_bytes)))
         except UploadError as e:
             errors.append({"index": i, "file": name, "status": e.status, "reason": e.reason})
-        except Exception:  # a decoder bug must not cost the other files their results
+        except Exception:  # a bug here (not in the file) must not cost the others their results
             log.exception("decoding upload %r failed", name)
             errors.append({"index": i, "file": name, "status": 500,
                            "reason": "internal error while reading the file"})
     if not decoded:
         return [], errors
-    rows, pred = predict_decoded(ens, [d[1] for d in decoded], [d[2] for d in decoded],
-                                 [d[3] for d in decoded], point=point)
+    images = [d for _, _, d, _ in decoded]
+    aspects = None if ens.resize == "stretch" else [d.width / d.height for d in images]
+    rows, pred = predict_decoded(ens, [name for _, name, _, _ in decoded],
+                                 [d.inputs for d in images], [w for _, _, _, w in decoded],
+                                 point=point, aspects=aspects)
     threshold = decision_threshold(ens, point)
     out = []
-    for j, ((i, _, _, _, display), row) in enumerate(zip(decoded, rows, strict=True)):
+    for j, ((i, _, d, _), row) in enumerate(zip(decoded, rows, strict=True)):
         row = {"index": i, **row}
         if explain:
-            row.update(explain_fields(ens, pred, j, row, display, threshold))
+            row.update(explain_fields(ens, pred, j, row, d.display, threshold))
         out.append(row)
     return out, errors
 

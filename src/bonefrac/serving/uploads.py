@@ -1,8 +1,11 @@
-"""Uploaded files -> decoded grayscale arrays, through the one decode path (``load_gray``).
+"""Uploaded files -> decoded grayscale arrays, through the one decode path (``load_inputs``).
 
 Each upload is checked before decoding: its name's suffix must be one the CLI also reads and its
 first bytes must look like a supported format (content sniffing), so a renamed text file or
-executable is refused as 415 without ever reaching an image decoder.
+executable is refused as 415 without ever reaching an image decoder. It is then streamed to a
+temporary file (never held whole in memory) and decoded in the isolated decode pool
+(:mod:`bonefrac.data.isolation`), as the CLI decodes files: an upload that crashes, hangs or
+exhausts its decoder is a 422 with that reason, and the server goes on.
 """
 
 from __future__ import annotations
@@ -10,13 +13,13 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
-from bonefrac.data.io import DICOM_SUFFIXES, ImageReadError, load_gray
-from bonefrac.inference.predict import PREDICT_SUFFIXES, image_warning
+from bonefrac.data.io import DICOM_SUFFIXES, Decoded, ImageReadError
+from bonefrac.data.isolation import DecodePool, decode_file
+from bonefrac.inference.predict import FILE_CHECKS, PREDICT_SUFFIXES, decoded_warning
 
 # Leading bytes of each format ``bonefrac.data.io.FORMATS`` decodes (DICOM is checked apart).
 MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -98,22 +101,28 @@ def check_upload(filename: str, f: BinaryIO, max_bytes: int) -> str:
     return ".dcm" if kind == "DICOM" else suffix
 
 
-def decode_upload(filename: str, f: BinaryIO, sizes: set[int], max_bytes: int
-                  ) -> tuple[dict[int, np.ndarray], str]:
-    """One upload -> (``{size: (size, size) uint8}`` for every model input size, warning).
+def decode_upload(filename: str, f: BinaryIO, sizes: Iterable[int], max_bytes: int, *,
+                  display: bool = False, resize: str = "stretch",
+                  pool: DecodePool | None = None) -> tuple[Decoded, str]:
+    """One upload -> (its :class:`~bonefrac.data.io.Decoded`: ``{size: (size, size) uint8}``
+    for every model input size and, with ``display``, the image at its own size; warning).
 
-    The bytes go to a temporary file with the checked suffix so that decoding is exactly
-    ``bonefrac.data.io.load_gray`` and the warning exactly the CLI's ``image_warning``.
+    The bytes are streamed (1 MiB at a time) to a temporary file with the checked suffix and
+    decoded in ``pool`` (default: the process's decode pool) exactly as the CLI decodes a
+    file; the warning is the CLI's (:func:`~bonefrac.inference.predict.decoded_warning`).
 
     Raises:
-        UploadError: as ``check_upload``, or 422 with the decoder's reason.
+        UploadError: as ``check_upload``, or 422 with the decoder's reason (including "decoder
+            crashed (SIGSEGV)", "decode timed out after 10 s", "decoder exceeded 2 GiB ...").
     """
     suffix = check_upload(filename, f, max_bytes)
+    sizes = sorted(sizes)
     with tempfile.NamedTemporaryFile(prefix="bonefrac_upload_", suffix=suffix) as tmp:
         shutil.copyfileobj(f, tmp, 1 << 20)
         tmp.flush()
         try:
-            gray = {s: load_gray(tmp.name, s) for s in sorted(sizes)}
+            d = decode_file(tmp.name, sizes, display=display, resize=resize,
+                            checks=FILE_CHECKS, pool=pool)
         except ImageReadError as e:
             raise UploadError(422, e.reason) from None
-        return gray, image_warning(Path(tmp.name), gray[max(gray)])
+    return d, decoded_warning(d, sizes[-1])
