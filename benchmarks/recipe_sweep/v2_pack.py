@@ -189,8 +189,10 @@ def travel_size(repo: Path, carry: list[str]) -> dict:
 
 def build(a) -> int:
     data, dst = Path(a.data), Path(a.out)
+    if dst.exists() and any(dst.iterdir()) and not (dst / "PACK.json").exists():
+        raise SystemExit(f"{dst}: exists and is not a pack (no PACK.json); choose another folder")
     if dst.exists():
-        shutil.rmtree(dst)
+        shutil.rmtree(dst)  # an earlier pack
     (dst / "data").mkdir(parents=True)
     (dst / "init").mkdir()
     res = {"pack": str(dst), "note": "train and validation splits only; no test image"}
