@@ -72,7 +72,7 @@ def test_bombs_are_refused_or_decoded_within_the_limits(tmp_path):
     bombs = write_bombs(tmp_path)
     assert {Path(b).suffix for b in bombs} >= {".png", ".tif", ".webp", ".jpg", ".gif", ".j2k",
                                                 ".dcm"}
-    with DecodePool(2, timeout_s=4) as pool:
+    with DecodePool(2, timeout_s=2) as pool:
         for b in bombs:
             t = time.monotonic()
             try:
@@ -80,7 +80,7 @@ def test_bombs_are_refused_or_decoded_within_the_limits(tmp_path):
                 assert d.inputs[224].shape == (224, 224)
             except ImageReadError as e:
                 assert e.reason and "\n" not in e.reason
-            assert time.monotonic() - t < 4 + 3, b.name
+            assert time.monotonic() - t < 2 + 3, b.name
         # header-only bombs never reach a decoder's pixel loop
         for name in ("bomb_png_100000x100000.png", "bomb_webp_16384x16384.webp",
                      "bomb_jpeg_65500x65500.jpg", "bomb_dicom_65535x65535.dcm",
@@ -184,7 +184,7 @@ def children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_real_server_under_mixed_hostile_load(tmp_path):
-    """200 uploads at concurrency 16 (a third good radiographs, the rest mutants and bombs)
+    """160 uploads at concurrency 16 (a third good radiographs, the rest mutants and bombs)
     against ``bonefrac serve`` on loopback: every good one gets the CLI's probability, every
     hostile one a 4xx, /healthz answers throughout, and the server's memory comes back."""
     httpx = pytest.importorskip("httpx")
@@ -199,7 +199,7 @@ def test_real_server_under_mixed_hostile_load(tmp_path):
         tmp_path / "b" / n for n in bomb_files() if "8000" not in n and "7900" not in n]
     write_bombs(tmp_path / "b")
     mix = [goods[i % len(goods)] if i % 3 == 0 else hostile[i % len(hostile)]
-           for i in range(200)]
+           for i in range(160)]
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "bonefrac", "serve", "--model", "ensemble-224", "--port",
@@ -238,7 +238,7 @@ def test_real_server_under_mixed_hostile_load(tmp_path):
                 health.append((ok, time.monotonic() - t))
                 time.sleep(0.2)
 
-        asyncio.run(send(mix[:48]))  # warm-up: arenas, the decode workers, every code path
+        asyncio.run(send(mix[:32]))  # warm-up: arenas, the decode workers, every code path
         baseline = rss_mib(server.pid)
         watcher = threading.Thread(target=watch)
         watcher.start()

@@ -229,6 +229,7 @@ def _decode_targets(p: Path, targets: Sequence[int | None], resize: str
     im = _open(p)
     try:
         out, (w, h) = [], im.size
+        check_dimensions(w, h)  # before the EXIF read: Pillow loads a PNG's pixels for it
         size = (h, w) if _transposed(im) else (w, h)
         for i, target in enumerate(targets):
             if i and im.format == "JPEG":
@@ -297,6 +298,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(p, formats=open_formats()) as im:
             w, h = im.size
+            check_dimensions(w, h)  # reading a PNG's EXIF decodes its pixels
             return (h, w) if _transposed(im) else (w, h)
     except Exception:  # DICOM, or a file load_gray will name the problem of
         h, w = load_gray(p, None).shape
