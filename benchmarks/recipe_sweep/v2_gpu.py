@@ -38,6 +38,7 @@ import sys
 import tarfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,16 +248,13 @@ def _line(pattern: str, text: str) -> str | None:
 @dataclass
 class Ctx:
     pack: Path
+    data: Path  # the pack's data folder (PACK/data, or data.tar unpacked into the work folder)
     out: Path
     work: Path
     device: str
     smoke: bool
     budget_end: float  # no run may go on past this (time.time())
     py: str = sys.executable
-
-    @property
-    def data(self) -> Path:
-        return self.pack / "data"
 
     def init(self, arch: str) -> Path:
         return self.pack / "init" / f"{arch}.safetensors"
@@ -506,6 +504,18 @@ def environment(device: str, work: Path) -> dict:
     return env
 
 
+def pack_data(pack: Path, work: Path) -> Path:
+    """The pack's data folder: ``PACK/data``, or ``PACK/data.zip`` (``v2_pack.py build
+    --zip``) unpacked into ``work`` (zipfile drops absolute and ``..`` parts of names)."""
+    if (pack / "data" / "manifest.csv").exists():
+        return pack / "data"
+    if (pack / "data.zip").exists():
+        with zipfile.ZipFile(pack / "data.zip") as z:
+            z.extractall(work)
+        return work / "data"
+    raise SystemExit(f"{pack}: no pack here (run v2_pack.py build)")
+
+
 def pick_work(work: str) -> Path:
     if work != "auto":
         return Path(work)
@@ -541,13 +551,11 @@ def main() -> int:
         print(table(json.loads(Path(a.table).read_text())["runs"]), end="")
         return 0
     pack, out, work = (Path(p).resolve() for p in (a.pack, a.out, pick_work(a.work)))
-    if not (pack / "data" / "manifest.csv").exists():
-        raise SystemExit(f"{pack}: no pack here (run v2_pack.py build)")
     shutil.rmtree(work, ignore_errors=True)
     for d in (out, work / "runs", work / "logs"):
         d.mkdir(parents=True, exist_ok=True)
     (out / "round5_val.jsonl").unlink(missing_ok=True)
-    ctx = Ctx(pack, out, work, a.device, a.smoke, T0 + a.budget)
+    ctx = Ctx(pack, pack_data(pack, work), out, work, a.device, a.smoke, T0 + a.budget)
     head = {"note": "validation split only (the pack holds no test image)", "device": a.device,
             "smoke": a.smoke, "env": environment(a.device, work), "pack": _json(pack / "PACK.json")}
     print("[env]", json.dumps(head["env"]), flush=True)

@@ -8,10 +8,14 @@ fit the device tool's 64 MiB; the fp16 copy is checked against fp32 on real imag
 ``size`` adds up what a ``run`` call would send: tracked files on disk, untracked files git does
 not ignore, and the carried paths.
 
-    python benchmarks/recipe_sweep/v2_pack.py build ../shared/data/bone-fracture .gpu/v2
+    python benchmarks/recipe_sweep/v2_pack.py build ../shared/data/bone-fracture .gpu/v2 --zip
     python benchmarks/recipe_sweep/v2_pack.py build ../shared/data/bone-fracture .gpu/v2smoke \
         --limit 24                                    # a small pack for the CPU smoke run
     python benchmarks/recipe_sweep/v2_pack.py size --carry .gpu/v2    # exit 1 when over 64 MiB
+
+``--zip`` stores ``data/`` as one uncompressed ``data.zip`` (``v2_gpu.py`` unpacks it): ~300
+bytes per file on top of the JPEGs (a tar adds ~2 KB for these long names), and one file, should
+the tool count disk blocks (4,000 small files take ~8 MiB more on disk than their bytes).
 
 Prints JSON.
 """
@@ -25,6 +29,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +192,16 @@ def travel_size(repo: Path, carry: list[str]) -> dict:
                                     sorted(by_top.items(), key=lambda kv: -kv[1])[:6]}}
 
 
+def archive(dst: Path) -> None:
+    """``dst/data/`` -> ``dst/data.zip`` (stored: JPEGs do not compress), folder removed."""
+    with zipfile.ZipFile(dst / "data.zip.tmp", "w", zipfile.ZIP_STORED) as z:
+        for f in sorted((dst / "data").rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(dst).as_posix())
+    (dst / "data.zip.tmp").replace(dst / "data.zip")
+    shutil.rmtree(dst / "data")
+
+
 def build(a) -> int:
     data, dst = Path(a.data), Path(a.out)
     if dst.exists() and any(dst.iterdir()) and not (dst / "PACK.json").exists():
@@ -200,6 +215,9 @@ def build(a) -> int:
     res["copied"] = copy_images(data, dst / "data", a.limit)
     res["splits_in_pack"] = check_pack(data, dst / "data", a.limit)
     res["init"] = pack_init(Path(a.init), dst / "init", data)
+    if a.zip:
+        archive(dst)
+    res["data"] = "data.zip" if a.zip else "data/"
     res["mib"] = round(_tree_bytes(dst) / 2**20, 2)
     write_json(dst / "PACK.json", res)
     print(json.dumps(res, indent=1))
@@ -220,6 +238,8 @@ def main() -> int:
     b.add_argument("out", help="pack folder inside the repo, e.g. .gpu/v2 (replaced)")
     b.add_argument("--limit", type=int, default=None,
                    help="at most this many images per split (both classes): a smoke pack")
+    b.add_argument("--zip", action="store_true",
+                   help="store data/ as one uncompressed data.zip (v2_gpu.py unpacks it)")
     b.add_argument("--init", default=V1, help=f"ensemble to warm-start from (default {V1})")
     s = sub.add_parser("size", help="what a device run call would send, against 64 MiB")
     s.add_argument("--carry", nargs="*", default=[], help="paths named in the call's carry")
