@@ -327,3 +327,39 @@ def test_box_supervised_run_after_stage_1_writes_a_history_csv(tmp_path):
     rows = list(csv.DictReader((run / "history.csv").read_text().splitlines()))
     assert [r["stage"] for r in rows] == ["frozen", "finetune"]
     assert rows[0]["loc_loss"] == "" and float(rows[1]["loc_loss"]) > 0
+
+
+def test_letterbox_run_without_a_test_split_trains_fits_and_predicts(tmp_path, tiny_runs):
+    """A real box-supervised letterbox run on a data set that has no test split: it finishes
+    (threshold fitted on validation, no test Results/), records its resizing, and predicts a
+    file through ONNX with the letterbox decode."""
+    import csv
+    import shutil
+
+    from bonefrac.export.onnx import export_model
+    from bonefrac.inference import Ensemble
+    from bonefrac.inference.predict import predict_batch
+
+    data = tmp_path / "data"
+    shutil.copytree(TEST_DATA, data)
+    with open(TEST_DATA / "manifest.csv", newline="") as f:
+        every = list(csv.DictReader(f))
+    rows = [r for r in every if r["split"] != "test"]
+    for r in every:
+        if r["split"] == "test":
+            (data / r["path"]).unlink()
+    with open(data / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cfg = _cfg(epochs_frozen=0, epochs_finetune=1, views=1, resize="letterbox",
+               boxes=str(TEST_DATA / "fracture_boxes.csv"),
+               init_from=str(tiny_runs["mobilenetv2"]))
+    run = train(data, tmp_path / "lb", cfg)
+    mj = json.loads((run / "model.json").read_text())
+    assert mj["preprocessing"]["resize"] == "letterbox" and "threshold" in mj
+    assert not (run / "Results").exists() or not any((run / "Results").rglob("test*"))
+    ens = Ensemble.load(export_model(run, tmp_path / "exported"), backend="onnx")
+    assert ens.resize == "letterbox"
+    rows, errors = predict_batch(ens, [next(iter(sorted(data.rglob("*.jpg"))))])
+    assert not errors and 0 <= rows[0]["peak_y"] <= 1

@@ -46,7 +46,9 @@ def finalize_run(run: str | Path, index: DatasetIndex, policy: str = DEFAULT_POL
         "operating_points": fit["operating_points"], "validation": fit["validation"],
         "fitted_on": _fitted_on(index, len(val.y)), "disclaimer": DISCLAIMER})
     write_json(run / "model.json", mj)
-    return evaluate_model(run, index, split="test", backend="torch") if evaluate else mj
+    if not evaluate or not index.split("test"):  # a data set may hold no test split
+        return mj
+    return evaluate_model(run, index, split="test", backend="torch")
 
 
 def refit_on_validation(out: str | Path, index: DatasetIndex, *, fit_weights: str | None = None,
