@@ -79,6 +79,8 @@ def category(reason: str) -> str:
         return "memory_cap"
     if reason.startswith("decoder process exited") or reason.startswith("decoder sent"):
         return "decoder_failed"
+    if "PanicException" in reason:  # a Rust decoder's panic (a BaseException), caught
+        return "native_panic_caught"
     return "refused"
 
 
