@@ -113,6 +113,21 @@ def test_hang_is_killed_at_the_limit_and_the_worker_replaced(hostile_files):
         assert worker_pids(pool) != [hung_pid]
 
 
+def test_a_worker_killed_while_idle_does_not_fail_the_next_file():
+    """The kernel's OOM killer or an operator may kill an idle worker: the next file is
+    decoded by a fresh one, not blamed."""
+    f = real_images(1)[0]
+    with DecodePool(1) as pool:
+        pool.decode(f, (64,))
+        (pid,) = worker_pids(pool)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.decode(f, (64,)).inputs[64].shape == (64, 64)
+        assert worker_pids(pool) != [pid] and pool.stats["crashed"] == 0
+
+
 def test_a_real_rust_panic_is_a_reason_not_an_escape(tmp_path):
     """pyo3's PanicException derives from BaseException: one byte deleted inside the first RLE
     segment of pydicom's MR_small_RLE makes pylibjpeg-rle's decoder panic."""

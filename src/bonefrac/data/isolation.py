@@ -232,10 +232,14 @@ class _Worker:
             self.ready = True
 
     def send(self, payload: bytes) -> None:
+        """Send a request. Raises ``_Failed(retry=True)`` when the worker died while idle (the
+        kernel's OOM killer, an operator): not this file's doing."""
         self.requests += 1
+        if self.proc.poll() is not None:
+            raise _Failed(self.exit_reason(), retry=True)
         try:
             _write_frame(self.proc.stdin.fileno(), payload)
-        except OSError:  # BrokenPipeError: the worker died while idle, not on this file
+        except OSError:  # BrokenPipeError
             raise _Failed(self.exit_reason(), retry=True) from None
 
     def header(self, deadline: float) -> dict:
