@@ -329,6 +329,7 @@ def test_box_supervised_run_after_stage_1_writes_a_history_csv(tmp_path):
     assert rows[0]["loc_loss"] == "" and float(rows[1]["loc_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_letterbox_run_without_a_test_split_trains_fits_and_predicts(tmp_path, tiny_runs):
     """A real box-supervised letterbox run on a data set that has no test split: it finishes
     (threshold fitted on validation, no test Results/), records its resizing, and predicts a
@@ -363,3 +364,20 @@ def test_letterbox_run_without_a_test_split_trains_fits_and_predicts(tmp_path, t
     assert ens.resize == "letterbox"
     rows, errors = predict_batch(ens, [next(iter(sorted(data.rglob("*.jpg"))))])
     assert not errors and 0 <= rows[0]["peak_y"] <= 1
+
+
+@pytest.mark.parametrize("total", range(1, 41))
+def test_one_cycle_schedule_runs_for_any_number_of_steps(total):
+    """torch's OneCycleLR divided by zero at exactly 10 steps with a 10% warm-up."""
+    import torch
+
+    from bonefrac.training.trainer import warmup_share
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=total,
+                                                pct_start=warmup_share(total))
+    for _ in range(total):
+        opt.step()
+        sched.step()
+    assert warmup_share(342) == 0.1  # the shipped recipes' schedules are unchanged

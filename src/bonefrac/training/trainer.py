@@ -211,6 +211,12 @@ class FeatureCache:
         return sess.run
 
 
+def warmup_share(total_steps: int) -> float:
+    """One-cycle warm-up: 10% of the steps, but at least 2 steps from 4 steps on (at exactly
+    10 steps torch's OneCycleLR would end the warm-up at step 0 and divide by zero)."""
+    return max(0.1, 2 / total_steps) if total_steps >= 4 else 0.1
+
+
 def _progress(it, desc):
     from tqdm.auto import tqdm
 
@@ -354,7 +360,8 @@ class Stage:
         if spec.schedule == "onecycle":
             steps = math.ceil(len(spec.data(1)[0]) / cfg.batch_size)
             self.sched = torch.optim.lr_scheduler.OneCycleLR(
-                self.opt, spec.lr, epochs=spec.epochs, steps_per_epoch=steps, pct_start=0.1)
+                self.opt, spec.lr, epochs=spec.epochs, steps_per_epoch=steps,
+                pct_start=warmup_share(steps * spec.epochs))
         else:
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, factor=0.3,
                                                                     patience=1)
