@@ -114,6 +114,8 @@ def decode_all(files: list[Path], workers: int, timeout_s: float) -> dict:
             "hangs_past_limit": sum(t > timeout_s + 2 for _, t, _, _ in results),
             "slowest": [{"file": n, "s": round(t, 2), "outcome": k, "reason": r[:160]}
                         for n, t, k, r in slowest],
+            "examples": {kind: [f"{n}: {r[:120]}" for n, _, k, r in results if k == kind][:10]
+                         for kind in kinds if kind not in ("decoded", "refused")},
             "workers_started": stats["started"],
             "peak_worker_rss_mib": round(
                 resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}

@@ -144,6 +144,25 @@ def test_a_real_rust_panic_is_a_reason_not_an_escape(tmp_path):
         pool.decode(bad, (64,))
 
 
+def test_a_real_decoder_abort_costs_only_its_file(tmp_path):
+    """Fuzz mutant 12123 of seed 0 (a byte run in a JPEG-baseline DICOM of a real radiograph)
+    makes gdcm throw a C++ exception nobody catches: std::terminate, SIGABRT, the whole
+    process gone when decoded in-process. In the pool it is one error row."""
+    pytest.importorskip("gdcm")
+    from fuzzing import write_mutants
+
+    (bad,) = write_mutants(tmp_path, 1, seed=0, start=12123)
+    assert bad.name == "m12123_xray0_radiograph_jpeg_baseline_run.dcm"
+    code = ("import sys\nfrom bonefrac.data.io import load_inputs\n"
+            f"load_inputs({str(bad)!r}, (224,))\n")
+    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert alone.returncode == -signal.SIGABRT
+    with DecodePool(1) as pool:
+        with pytest.raises(ImageReadError, match=r"decoder crashed \(SIGABRT\)"):
+            pool.decode(bad, (224,))
+        assert pool.decode(real_images(1)[0], (224,)).inputs[224].shape == (224, 224)
+
+
 def test_keyboard_interrupt_is_not_swallowed(monkeypatch):
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
