@@ -25,6 +25,7 @@ from bonefrac.cli.common import (
     resolve_model,
 )
 from bonefrac.cli.extras import require_dicom_for, require_extra
+from bonefrac.data.isolation import default_pool
 from bonefrac.inference.ensemble import Ensemble
 from bonefrac.inference.predict import (
     DEFAULT_POINT,
@@ -144,6 +145,7 @@ def run(args) -> int:
     # Everything that can fail for the whole run is checked before any image is touched.
     out = Path(args.out)
     check_writable(out)
+    default_pool().prestart()  # the first decode worker boots while the model loads
     if args.backend == "torch":
         require_extra("train", "predict --backend torch")
     shard = resolve_shard(args)
