@@ -4,7 +4,10 @@ import as a module."""
 
 from __future__ import annotations
 
+import importlib.util
+import socket
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA = ROOT / "tests" / "data"
@@ -21,3 +24,18 @@ def real_images(n: int | None = None) -> list[Path]:
     """The real radiographs in tests/data (the first ``n``, in a fixed order)."""
     files = sorted(p for p in TEST_DATA.rglob("*.jpg"))
     return files[:n] if n else files
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/NAME.py`` as a module (the tests reuse a benchmark's own data builders)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 
 import pytest
-from helpers import ROOT, SHARED_DATA, SHIPPED_V2, TEST_DATA
+from helpers import SHARED_DATA, SHIPPED_V2, TEST_DATA, load_benchmark
 
 from bonefrac.training.adapt import adapt
 from bonefrac.utils import sha256_file
@@ -16,20 +15,14 @@ from bonefrac.utils import sha256_file
 needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared data set not present")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("adapt_site", ROOT / "benchmarks" /
-                                                  "adapt_site.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
 def shift(tmp_path_factory):
     """A parent trained (64 px, one MobileNetV2) on 200 images without a single humerus
     fracture, adapted on 180 images of humerus fractures and unseen non-fractured images."""
     out = tmp_path_factory.mktemp("shift")
-    return out, _bench().shift_experiment(SHARED_DATA, out, size=64, n_base=200, n_site=180)
+    bench = load_benchmark("adapt_site")
+    return out, bench.shift_experiment(SHARED_DATA, out, size=64, n_base=200, n_site=180)
 
 
 @needs_data

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import real_images
+from helpers import free_port, real_images
 
 pytest.importorskip("pynetdicom")
 pytest.importorskip("highdicom")
@@ -81,11 +80,6 @@ def make_study(folder: Path, n: int, offset: int = 0) -> list[Path]:
     return [to_dicom(j, folder / f"im{i}.dcm", study, series, i + 1)
             for i, j in enumerate(real_images()[offset:offset + n])]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond, timeout: float, what: str, step: float = 0.1):

@@ -7,14 +7,13 @@ and the result equals a one-process run with the same global batch up to float r
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import TEST_DATA, TINY_SIZE
+from helpers import TEST_DATA, TINY_SIZE, free_port
 
 from bonefrac.training import TrainConfig, train
 from bonefrac.training.distributed import Dist, resolve_device, state_digest
@@ -37,16 +36,11 @@ def _cli_args(cfg: dict) -> list[str]:
     return [f"--{flags.get(k, k.replace('_', '-'))}={v}" for k, v in cfg.items()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _torchrun(out, cache, *extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes",
            "1", "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port",
-           str(_free_port()), "-m", "bonefrac", "train", "--data", str(TEST_DATA), "--out",
+           str(free_port()), "-m", "bonefrac", "train", "--data", str(TEST_DATA), "--out",
            str(out), "--device", "cpu", "--bn", "frozen", *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "BONEFRAC_CACHE": str(cache)})

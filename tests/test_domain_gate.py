@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EXAMPLES, ROOT, SHIPPED_V2, real_images
+from helpers import EXAMPLES, SHIPPED_V2, load_benchmark, real_images
 from PIL import Image
 
 from bonefrac.data.io import load_gray
@@ -22,14 +21,6 @@ from bonefrac.inference.domain import (
 )
 from bonefrac.inference.ensemble import Ensemble, ModelFileError
 from bonefrac.inference.predict import predict_files
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("domain_gate", ROOT / "benchmarks" /
-                                                  "domain_gate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def test_cheap_checks_name_each_reason(tmp_path):
     g.resize((80, 64)).save(tmp_path / "small.png")
     g.resize((900, 150)).save(tmp_path / "long.png")
     Image.new("L", (400, 400), 90).save(tmp_path / "blank.png")
-    colour = _benchmark().colour_photo(src)
+    colour = load_benchmark("domain_gate").colour_photo(src)
     colour.save(tmp_path / "colour.jpg")
     assert f"minimum {MIN_SIDE} px" in _check(tmp_path / "small.png")
     assert "aspect ratio 6.0:1" in _check(tmp_path / "long.png")
@@ -80,7 +71,7 @@ def test_shipped_gate_flags_non_radiographs_not_radiographs(v2, tmp_path):
     """The benchmark's folder of non-radiographs (package material): >= 95% uncertain, each
     with its reason; the committed real radiographs: none flagged."""
     assert v2.gate is not None and v2.gate_note == ""
-    ood = _benchmark().build_non_radiographs(tmp_path / "ood")
+    ood = load_benchmark("domain_gate").build_non_radiographs(tmp_path / "ood")
     res = predict_files(v2, ood, progress=False, workers=1)
     flagged = [r for r in res.rows if r["decision"] == UNCERTAIN]
     assert (len(flagged) + len(res.errors)) / len(ood) >= 0.95, \
