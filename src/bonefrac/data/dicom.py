@@ -124,10 +124,9 @@ def _read(path: str | os.PathLike):
         raise ImportError(f"reading DICOM needs pydicom: {INSTALL_HINT}") from None
     forced = False
     try:
-        try:
-            ds = pydicom.dcmread(path)
-        except InvalidDicomError:  # no preamble: old or raw files, accepted when they parse
-            ds, forced = pydicom.dcmread(path, force=True), True
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:  # no preamble: old or raw files, accepted when they parse
+        ds, forced = _forced_read(path), True
     except Exception as e:
         raise ImageRefused(f"not a readable DICOM file ({type(e).__name__}: {e})") from None
     if forced and "PixelData" not in ds:  # anything parses with force=True, even text
@@ -152,6 +151,18 @@ def _read(path: str | os.PathLike):
     ds.setdefault("SamplesPerPixel", 1 if photometric in _MONO else 3)
     _set_transfer_syntax(ds)
     return ds
+
+
+def _forced_read(path: str | os.PathLike):
+    """A file without the DICOM preamble, parsed as raw DICOM. What fails to parse is not
+    known to be DICOM at all: text read this way claims absurd element lengths, and whether
+    reading them fails as MemoryError depends on the decoder's memory cap and history."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, force=True)
+    except Exception:
+        raise ImageRefused("neither a recognised image format nor a DICOM file") from None
 
 
 def _set_transfer_syntax(ds) -> None:
