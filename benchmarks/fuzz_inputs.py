@@ -42,7 +42,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -187,27 +186,13 @@ def serve(files: list[Path], model: str, concurrency: int = 16) -> dict:
                 await asyncio.gather(*(one(p) for p in paths))
             return codes
 
-        health, stop = [], threading.Event()
-
-        def watch():
-            while not stop.is_set():
-                t = time.monotonic()
-                try:
-                    ok = httpx.get(base + "/healthz", timeout=10).status_code == 200
-                except httpx.TransportError:
-                    ok = False
-                health.append((ok, time.monotonic() - t))
-                time.sleep(0.25)
-
         asyncio.run(send(files[:64]))  # warm-up
         rss0 = _rss_mib(proc.pid)
-        watcher = threading.Thread(target=watch)
-        watcher.start()
         t0 = time.monotonic()
-        codes = asyncio.run(send(files))
+        with fuzzing.HealthWatch(base) as watch:
+            codes = asyncio.run(send(files))
         wall = time.monotonic() - t0
-        stop.set()
-        watcher.join()
+        health = watch.checks
         rss1 = _rss_mib(proc.pid)
         alive = proc.poll() is None
     finally:

@@ -27,6 +27,8 @@ import io
 import os
 import random
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -162,14 +164,16 @@ def seed_files() -> dict[str, bytes]:
     return seeds
 
 
+def _write_all(folder: Path, files: dict[str, bytes]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return [folder / name for name in files]
+
+
 def write_seeds(folder: Path) -> list[Path]:
     """The clean originals, written to ``folder``; their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for name, data in seed_files().items():
-        (folder / name).write_bytes(data)
-        out.append(folder / name)
-    return out
+    return _write_all(folder, seed_files())
 
 
 # --------------------------------------------------------------------------------- mutations
@@ -400,12 +404,39 @@ def bomb_files() -> dict[str, bytes]:
 
 
 def write_bombs(folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for name, data in bomb_files().items():
-        (folder / name).write_bytes(data)
-        out.append(folder / name)
-    return out
+    """The decompression bombs, written to ``folder``; their paths."""
+    return _write_all(folder, bomb_files())
+
+
+class HealthWatch:
+    """``GET base/healthz`` every ``every`` s on a thread while the block runs; ``checks`` holds
+    (answered 200, seconds) per probe."""
+
+    def __init__(self, base: str, every: float = 0.25, timeout: float = 10):
+        self.url, self.every, self.timeout = base + "/healthz", every, timeout
+        self.checks: list[tuple[bool, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        import httpx
+
+        while not self._stop.is_set():
+            t = time.monotonic()
+            try:
+                ok = httpx.get(self.url, timeout=self.timeout).status_code == 200
+            except httpx.TransportError:
+                ok = False
+            self.checks.append((ok, time.monotonic() - t))
+            time.sleep(self.every)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def write_tiny_files(folder: Path, n: int = 10_000) -> list[Path]:

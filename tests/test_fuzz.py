@@ -13,12 +13,18 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from fuzzing import bomb_files, write_bombs, write_mutants, write_seeds, write_tiny_files
+from fuzzing import (
+    HealthWatch,
+    bomb_files,
+    write_bombs,
+    write_mutants,
+    write_seeds,
+    write_tiny_files,
+)
 from helpers import EXAMPLES, SHIPPED_ENSEMBLE
 
 from bonefrac.cli.common import EXIT_PARTIAL
@@ -226,25 +232,11 @@ def test_real_server_under_mixed_hostile_load(tmp_path):
                         return p, r.status_code, r.json()
                 return await asyncio.gather(*(one(p) for p in paths))
 
-        health, stop = [], threading.Event()
-
-        def watch():
-            while not stop.is_set():
-                t = time.monotonic()
-                try:
-                    ok = httpx.get(base + "/healthz", timeout=5).status_code == 200
-                except httpx.TransportError:
-                    ok = False
-                health.append((ok, time.monotonic() - t))
-                time.sleep(0.2)
-
         asyncio.run(send(mix[:32]))  # warm-up: arenas, the decode workers, every code path
         baseline = rss_mib(server.pid)
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        results = asyncio.run(send(mix))
-        stop.set()
-        watcher.join()
+        with HealthWatch(base, every=0.2, timeout=5) as watch:
+            results = asyncio.run(send(mix))
+        health = watch.checks
         after = rss_mib(server.pid)
         workers = children(server.pid)
         for p, status, body in results:
