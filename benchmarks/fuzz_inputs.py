@@ -38,7 +38,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the fuzzer lives with the tests that use it
 
 import fuzzing  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 # Runs the CLI in its own process and reports its peak memory and that of its children.
 _CLI = ("import json, resource, sys\n"
@@ -156,25 +156,15 @@ def serve(files: list[Path], model: str, concurrency: int = 16) -> dict:
     """Phase 4: uploads to a real server on loopback; statuses, /healthz, RSS."""
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "bonefrac", "serve", "--model", model,
                              "--port", str(port), "--rate-limit", "0", "--queue", "64",
                              "--log-level", "warning"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                return {"error": "server did not start", "stderr": proc.stderr.read()[-1500:]}
-            time.sleep(0.3)
+        if not fuzzing.wait_healthy(base, proc, 120):
+            return {"error": "server did not start", "stderr": proc.stderr.read()[-1500:]}
 
         async def send(paths: list[Path]) -> Counter:
             sem, codes = asyncio.Semaphore(concurrency), Counter()

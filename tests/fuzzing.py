@@ -408,6 +408,23 @@ def write_bombs(folder: Path) -> list[Path]:
     return _write_all(folder, bomb_files())
 
 
+def wait_healthy(base: str, proc, timeout: float) -> bool:
+    """Poll ``base/healthz`` until it answers 200 (True), or ``proc`` exits or ``timeout`` s
+    pass (False)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
 class HealthWatch:
     """``GET base/healthz`` every ``every`` s on a thread while the block runs; ``checks`` holds
     (answered 200, seconds) per probe."""

@@ -10,7 +10,6 @@ import asyncio
 import csv
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,13 @@ import pytest
 from fuzzing import (
     HealthWatch,
     bomb_files,
+    wait_healthy,
     write_bombs,
     write_mutants,
     write_seeds,
     write_tiny_files,
 )
-from helpers import EXAMPLES, SHIPPED_ENSEMBLE
+from helpers import EXAMPLES, SHIPPED_ENSEMBLE, free_port
 
 from bonefrac.cli.common import EXIT_PARTIAL
 from bonefrac.data.io import ImageReadError
@@ -163,12 +163,6 @@ def test_a_segfaulting_decoder_is_a_422_and_the_service_goes_on(client, tmp_path
         assert post(client, good).status_code == 200
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -213,15 +207,7 @@ def test_real_server_under_mixed_hostile_load(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "server did not start"
-            time.sleep(0.2)
+        assert wait_healthy(base, server, 60), "server did not start"
 
         async def send(paths: list[Path]) -> list[tuple[Path, int, dict]]:
             sem = asyncio.Semaphore(16)
