@@ -4,8 +4,11 @@ import as a module."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import socket
+import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -39,3 +42,26 @@ def load_benchmark(name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextlib.contextmanager
+def serving(app, tls: tuple[Path, Path] | None = None):
+    """uvicorn serving ``app`` in a thread on a free loopback port (HTTPS with ``tls`` =
+    (certificate, key)); yields the base URL."""
+    import uvicorn
+
+    kw = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                        **kw))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)

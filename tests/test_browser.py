@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from helpers import EXAMPLES
+from helpers import EXAMPLES, serving
 
 pytestmark = pytest.mark.browser
 
@@ -37,19 +36,8 @@ def server(tiny_ensemble):
     """uvicorn serving the app in a thread on a free loopback port; yields the base URL."""
     from bonefrac.serving import create_app
 
-    config = uvicorn.Config(create_app(tiny_ensemble), host="127.0.0.1", port=0,
-                            log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serving(create_app(tiny_ensemble)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ ensemble (224 px: no training run needed)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -16,13 +15,12 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EXAMPLES, SHIPPED_ENSEMBLE
+from helpers import EXAMPLES, SHIPPED_ENSEMBLE, serving
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -58,26 +56,6 @@ def cert(tmp_path_factory) -> tuple[Path, Path]:
                     "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
                    check=True, capture_output=True)
     return d / "cert.pem", d / "key.pem"
-
-
-@contextlib.contextmanager
-def serving(app, tls: tuple[Path, Path] | None = None):
-    """uvicorn serving ``app`` in a thread on a free loopback port; yields the base URL."""
-    kw = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                        **kw))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 def tokens(path: Path) -> dict[str, str]:
@@ -307,27 +285,14 @@ def test_audit_log_has_one_verifiable_line_per_request(ens, tmp_path, capsys):
 
 
 def test_audit_phi_only_when_asked(ens, tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from PIL import Image
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage
+    from test_dicom import write_dicom
 
     px = np.asarray(Image.open(IMAGES[0]).convert("L"))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
-    ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME2"
-    ds.PatientName, ds.PatientID = "Doe^Jane", "MRN-0042"
-    ds.Rows, ds.Columns = px.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 8, 8, 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = px.tobytes()
-    ds.save_as(tmp_path / "doe_jane.dcm", enforce_file_format=True)
-    data = (tmp_path / "doe_jane.dcm").read_bytes()
-    assert pydicom
+    data = write_dicom(tmp_path / "doe_jane.dcm", px, sop_class=SecondaryCaptureImageStorage,
+                       PatientName="Doe^Jane", PatientID="MRN-0042").read_bytes()
     for phi in (False, True):
         log_path = tmp_path / f"audit_{phi}.jsonl"
         cfg = SecurityConfig(audit_log=log_path, audit_phi=phi)
