@@ -38,14 +38,10 @@ from bonefrac.data.io import (
     image_size,
 )
 from bonefrac.data.isolation import DecodePool, decode_file
-from bonefrac.inference.domain import BLANK_STD as BLANK_STD  # re-exported for callers
 from bonefrac.inference.domain import (
-    MIN_SIDE,
     UNCERTAIN,
     blank_check,
-    cheap_checks,
     row_gate,
-    size_check,
 )
 from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.localise import Localisation
@@ -55,10 +51,6 @@ from bonefrac.utils import display_path, write_json, write_text
 # Prediction also tries files without a suffix: DICOM exports often have none.
 PREDICT_SUFFIXES = IMAGE_SUFFIXES | {""}
 DEFAULT_BATCH = 8
-# Warnings: the input-domain gate's cheap checks (bonefrac.inference.domain, chosen so that
-# none of the 4,148 reference radiographs trips them); BLANK_STD and blank_warning re-exported.
-SMALL_SIDE = MIN_SIDE
-blank_warning = blank_check
 FORMAT = "bonefrac-predictions/1"
 # The operating point named "default": the model's own decision threshold.
 DEFAULT_POINT = "default"
@@ -134,26 +126,16 @@ def select_shard(pairs: Sequence[tuple[Path, str]], k: int, n: int) -> list[Path
 
 
 # ------------------------------------------------------------------------------------ batches
-def image_warning(path: Path, gray: np.ndarray) -> str:
-    """The domain gate's cheap checks on a file and its decoded ``(S, S)`` uint8 model input
-    (:func:`bonefrac.inference.domain.cheap_checks`); '' when nothing is odd."""
-    return cheap_checks(path, gray)
-
-
-def size_warning(w: int, h: int, gray: np.ndarray) -> str:
-    """'' unless the original image (``w`` x ``h`` px) is too small or too elongated."""
-    return size_check(w, h)
-
-
 # The domain gate's file checks (size, colour thumbnail, DICOM header) parse the file, so they
 # run in the decode worker beside the decoder, never in this process.
 FILE_CHECKS = "bonefrac.inference.domain:file_checks"
 
 
 def decoded_warning(d: Decoded, size: int) -> str:
-    """The cheap checks of :func:`image_warning` for a file decoded by :func:`_decode`: the
-    worker's file checks (``d.notes``) and the blank check on the model input of ``size``."""
-    return "; ".join(filter(None, [d.notes, blank_warning(d.inputs[size])]))
+    """The domain gate's cheap checks (:func:`bonefrac.inference.domain.cheap_checks`) for a
+    file decoded by :func:`_decode`: the worker's file checks (``d.notes``) and the blank check
+    on the model input of ``size``."""
+    return "; ".join(filter(None, [d.notes, blank_check(d.inputs[size])]))
 
 
 def _decode(path: Path, sizes: Sequence[int], resize: str = "stretch", *,
@@ -233,7 +215,7 @@ def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
     (through :func:`predict_batch`), the REST server and the Python API. Raises what
     ``Ensemble.predict_gray`` raises.
 
-    ``warnings[i]``: the cheap checks' notes (:func:`image_warning`); with the learned check's
+    ``warnings[i]``: the cheap checks' notes (:func:`decoded_warning`); with the learned check's
     note they form the row's ``warning``, and a row with any makes ``decision`` "uncertain"
     unless ``gate`` is False (None: ``ens.gate_enabled``, off with ``--no-gate``).
     """
