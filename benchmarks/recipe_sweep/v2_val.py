@@ -18,13 +18,12 @@ import numpy as np
 
 from bonefrac import FRACTURE_MAP, GRADCAM
 from bonefrac.data.boxes import dataset_boxes
-from bonefrac.data.dataset import decode_all, load_index
-from bonefrac.evaluation.evaluate import scored_samples
+from bonefrac.data.dataset import load_index
+from bonefrac.evaluation.evaluate import decode_inputs, scored_samples
 from bonefrac.evaluation.localisation import localisation_metrics
 from bonefrac.evaluation.metrics import bootstrap_auc_ci, roc_auc
 from bonefrac.inference import Ensemble
 from bonefrac.inference.predict import image_aspects
-from bonefrac.utils import cache_dir
 
 
 def _probs(ens: Ensemble, gray: dict[int, np.ndarray], batch: int = 32) -> np.ndarray:
@@ -65,10 +64,7 @@ def evaluate(model_dir: str, index, boxes) -> dict:
     t0 = time.time()
     ens = Ensemble.load(model_dir, backend="torch")
     val = index.split("val")
-    gray, kept = {}, []
-    for s in sorted(ens.sizes):
-        gray[s], kept, _ = decode_all(val, s, resize=ens.resize,
-                                      cache_dir=cache_dir() / "decoded")
+    gray, kept, _ = decode_inputs(ens, val, "decoding")
     y = np.array([k.label for k in kept])
     p = _probs(ens, gray)
     p_flip = _probs(ens, {s: g[:, :, ::-1].copy() for s, g in gray.items()})
@@ -77,10 +73,7 @@ def evaluate(model_dir: str, index, boxes) -> dict:
            "val_auc": roc_auc(y, p), "val_auc_ci95": [lo, hi],
            "val_auc_hflip_tta": roc_auc(y, (p + p_flip) / 2)}
     scored = scored_samples(val, boxes)
-    sgray, skept = {}, []
-    for s in sorted(ens.sizes):
-        sgray[s], skept, _ = decode_all(scored, s, resize=ens.resize,
-                                        cache_dir=cache_dir() / "decoded")
+    sgray, skept, _ = decode_inputs(ens, scored, "decoding")
     gt = [boxes[k.rel] for k in skept]
     aspects = image_aspects(ens, [k.path for k in skept])
     for kind in (FRACTURE_MAP, GRADCAM):

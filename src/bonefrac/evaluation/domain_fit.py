@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from bonefrac.data.dataset import Sample, decode_all
+from bonefrac.data.dataset import Sample
+from bonefrac.evaluation.evaluate import decode_inputs
 from bonefrac.inference.domain import GATE_FILE, DomainGate
 from bonefrac.inference.ensemble import Ensemble
-from bonefrac.utils import cache_dir, sha256_file
+from bonefrac.utils import sha256_file
 
 # Principal axes per member. Measured, distance alone (no residual, no cheap checks), share of
 # the benchmark's non-radiographs flagged, v2 / v1 ensemble: 32 axes 72% / 9%, 64: 84% / 33%,
@@ -33,10 +34,8 @@ def collect_pooled(ens: Ensemble, samples: Sequence[Sample], desc: str, batch: i
                    ) -> dict[str, np.ndarray]:
     """``{member: (N, C)}`` pooled features of the readable ``samples`` (decoded through the
     shared decode cache, unreadable files skipped as in evaluation)."""
-    gray = {}
-    for size in sorted(ens.sizes):
-        gray[size], _, _ = decode_all(samples, size, desc=desc, cache_dir=cache_dir() / "decoded")
-    n = len(next(iter(gray.values())))
+    gray, kept, _ = decode_inputs(ens, samples, desc)
+    n = len(kept)
     out: dict[str, list[np.ndarray]] = {m.name: [] for m in ens.members}
     for i in tqdm(range(0, n, batch), desc=f"{desc}: features", unit="batch"):
         res = ens.member_outputs({s: g[i:i + batch] for s, g in gray.items()}, want_pooled=True)

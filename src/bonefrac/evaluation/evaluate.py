@@ -36,13 +36,22 @@ class SplitOutputs:
     skipped: list[tuple[str, str]]
 
 
-def collect(ens: Ensemble, samples: Sequence[Sample], desc: str, batch: int = 64
-            ) -> SplitOutputs:
-    """Decode ``samples`` (skipping unreadable files) and run every member on them."""
-    gray, kept, skipped = {}, None, []
+def decode_inputs(ens: Ensemble, samples: Sequence[Sample], desc: str
+                  ) -> tuple[dict[int, np.ndarray], list[Sample], list[tuple[str, str]]]:
+    """``samples`` decoded for ``ens``: ``({size: (N, size, size) uint8}`` for every input
+    size, resized as ``ens.resize`` says, the N kept samples, the skipped (file, reason))``;
+    through the shared decode cache."""
+    gray, kept, skipped = {}, [], []
     for size in sorted(ens.sizes):
         gray[size], kept, skipped = decode_all(samples, size, resize=ens.resize, desc=desc,
                                                cache_dir=cache_dir() / "decoded")
+    return gray, kept, skipped
+
+
+def collect(ens: Ensemble, samples: Sequence[Sample], desc: str, batch: int = 64
+            ) -> SplitOutputs:
+    """Decode ``samples`` (skipping unreadable files) and run every member on them."""
+    gray, kept, skipped = decode_inputs(ens, samples, desc)
     logits: dict[str, list] = {m.name: [] for m in ens.members}
     n = len(kept)
     for i in range(0, n, batch):
@@ -218,10 +227,7 @@ def evaluate_localisation(ens: Ensemble, samples: Sequence[Sample],
     scored = scored_samples(samples, boxes)
     if not scored:
         return None
-    gray, kept = {}, []
-    for size in sorted(ens.sizes):
-        gray[size], kept, _ = decode_all(scored, size, resize=ens.resize, desc="localisation",
-                                         cache_dir=cache_dir() / "decoded")
+    gray, kept, _ = decode_inputs(ens, scored, "localisation")
     if not kept:
         return None
     aspects = image_aspects(ens, [s.path for s in kept])
