@@ -152,13 +152,12 @@ def test_letterbox_keeps_the_aspect_and_maps_boxes_into_the_square(tmp_path):
     below), and a box given as fractions of the image lands on the same pixels of the square."""
     from PIL import Image
 
-    from bonefrac.data.io import image_size, load_gray
+    from bonefrac.data.io import load_gray
     from bonefrac.data.preprocess import boxes_to_letterbox, letterbox_rect
 
     img = np.full((200, 400), 200, np.uint8)
     img[100:150, 300:400] = 255  # box (0.75, 0.5, 1.0, 0.75) of the image
     Image.fromarray(img).save(tmp_path / "wide.png")
-    assert image_size(tmp_path / "wide.png") == (400, 200)
     assert letterbox_rect(400, 200) == (0.0, 0.25, 1.0, 0.75)
     sq = load_gray(tmp_path / "wide.png", 64, "letterbox")
     assert sq.shape == (64, 64)
@@ -188,16 +187,22 @@ def test_from_letterbox_crops_the_bars_of_a_heat_map():
 
 def test_training_boxes_move_into_the_letterbox_frame(tmp_path):
     """The trainer's per-image targets for a letterbox run: a fractured 400x200 image's box
-    (fractions of the image) lands on the image's part of the square; stretch keeps it."""
+    (fractions of the image) lands on the image's part of the square; stretch keeps it. The
+    sizes are the ones the decode pool reports (a portrait EXIF turn makes it 400x200)."""
     from PIL import Image
 
-    from bonefrac.data.dataset import Sample
+    from bonefrac.data.dataset import Sample, decode_all
     from bonefrac.training.trainer import _image_boxes
 
-    Image.fromarray(np.zeros((200, 400), np.uint8)).save(tmp_path / "f.png")
-    samples = [Sample(tmp_path / "f.png", "f.png", 1), Sample(tmp_path / "f.png", "n.png", 0)]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: the stored 200x400 shows as 400x200
+    Image.fromarray(np.zeros((400, 200), np.uint8)).save(tmp_path / "f.jpg", exif=exif)
+    samples = [Sample(tmp_path / "f.jpg", "f.png", 1), Sample(tmp_path / "f.jpg", "n.png", 0)]
+    decoded = decode_all(samples, 64, resize="letterbox")
+    assert decoded.sizes.tolist() == [[400, 200]] * 2
+    assert decoded.aspects.tolist() == [2.0, 2.0]
     boxes = {"f.png": np.array([[0.0, 0.0, 0.5, 1.0]], np.float32)}
-    per, mask = _image_boxes(samples, boxes, "letterbox")
+    per, mask = _image_boxes(decoded.kept, boxes, "letterbox", decoded.sizes)
     assert per[0] == pytest.approx(np.array([[0.0, 0.25, 0.5, 0.75]]))
     assert len(per[1]) == 0 and mask.tolist() == [1.0, 1.0]
     per, _ = _image_boxes(samples, boxes, "stretch")

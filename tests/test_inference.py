@@ -89,7 +89,7 @@ def test_inference_inputs_equal_training_inputs(tiny_ensemble):
     assert not res.errors and [r["file"] for r in res.rows] == [str(s.path) for s in samples]
     for m, tm in zip(onnx.members, torch_ens.members, strict=True):
         model = tm.runner.model  # the trained FractureNet, rebuilt from safetensors
-        imgs, kept, skipped = decode_all(samples, model.preprocessing.size)
+        imgs, kept, skipped, _ = decode_all(samples, model.preprocessing.size)
         assert not skipped and len(kept) == len(samples)
         x_train = model.preprocessing(imgs)
         # Batches may finish in any order across workers; match them by content.

@@ -27,7 +27,7 @@ def main(data: str, out: str) -> None:
     index = load_index(data)
     arrays = {}
     for sp in ("train", "val"):
-        imgs, kept, _ = decode_all(index.split(sp), 224, cache_dir=cache_dir() / "decoded")
+        imgs, kept, _, _ = decode_all(index.split(sp), 224, cache_dir=cache_dir() / "decoded")
         blobs = []
         for im in imgs:
             buf = io.BytesIO()

@@ -119,7 +119,7 @@ def pack_init(v1: Path, dst: Path, data: Path) -> dict:
 
     folder = ModelFolder.open(v1)
     val = load_index(data).split("val")[:32]
-    gray, _, _ = decode_all(val, 224)
+    gray = decode_all(val, 224).images
     out = {}
     for spec in folder.members:
         src = folder.member_file(spec, "weights")  # sha256-checked

@@ -23,7 +23,6 @@ from bonefrac.evaluation.evaluate import decode_inputs, scored_samples
 from bonefrac.evaluation.localisation import localisation_metrics
 from bonefrac.evaluation.metrics import bootstrap_auc_ci, roc_auc
 from bonefrac.inference import Ensemble
-from bonefrac.inference.predict import image_aspects
 
 
 def _probs(ens: Ensemble, gray: dict[int, np.ndarray], batch: int = 32) -> np.ndarray:
@@ -46,11 +45,11 @@ def _set_heatmap(ens: Ensemble, kind: str) -> bool:
 
 
 def _pointing(ens: Ensemble, gray: dict[int, np.ndarray], gt: list[np.ndarray],
-              aspects: list[float] | None) -> dict:
+              aspects: np.ndarray) -> dict:
     peaks, boxes, maps = [], [], []
     for i in range(0, len(gt), 32):
         p = ens.predict_gray({s: g[i:i + 32] for s, g in gray.items()}, explain=True,
-                             aspect=None if aspects is None else aspects[i:i + 32])
+                             aspect=aspects[i:i + 32])
         peaks.append(p.loc.peak)
         boxes.append(p.loc.box)
         maps.append(p.cam)
@@ -64,7 +63,7 @@ def evaluate(model_dir: str, index, boxes) -> dict:
     t0 = time.time()
     ens = Ensemble.load(model_dir, backend="torch")
     val = index.split("val")
-    gray, kept, _ = decode_inputs(ens, val, "decoding")
+    gray, kept, _, _ = decode_inputs(ens, val, "decoding")
     y = np.array([k.label for k in kept])
     p = _probs(ens, gray)
     p_flip = _probs(ens, {s: g[:, :, ::-1].copy() for s, g in gray.items()})
@@ -73,9 +72,8 @@ def evaluate(model_dir: str, index, boxes) -> dict:
            "val_auc": roc_auc(y, p), "val_auc_ci95": [lo, hi],
            "val_auc_hflip_tta": roc_auc(y, (p + p_flip) / 2)}
     scored = scored_samples(val, boxes)
-    sgray, skept, _ = decode_inputs(ens, scored, "decoding")
+    sgray, skept, _, aspects = decode_inputs(ens, scored, "decoding")
     gt = [boxes[k.rel] for k in skept]
-    aspects = image_aspects(ens, [k.path for k in skept])
     for kind in (FRACTURE_MAP, GRADCAM):
         if _set_heatmap(ens, kind):
             out[f"localisation_{kind}"] = _pointing(ens, sgray, gt, aspects)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -228,15 +229,36 @@ def near_duplicate_groups(paths: Sequence[Path], max_bits: int = 8) -> list[str]
     return [f"phash_{find(i):06d}" for i in range(len(paths))]
 
 
+class DecodedSplit(NamedTuple):
+    """What :func:`decode_all` returns.
+
+    - ``images``: ``(N, size, size)`` uint8, the kept samples' model inputs;
+    - ``kept``: the N samples that decoded, in input order;
+    - ``skipped``: ``(file, reason)`` of each one that did not;
+    - ``sizes``: ``(N, 2)`` int64, each kept image's ``(width, height)`` in pixels as displayed
+      (EXIF rotation applied), which letterbox models need to map boxes and heat maps.
+    """
+
+    images: np.ndarray
+    kept: list[Sample]
+    skipped: list[tuple[str, str]]
+    sizes: np.ndarray
+
+    @property
+    def aspects(self) -> np.ndarray:
+        """``(N,)`` float64 width/height of each kept image."""
+        return self.sizes[:, 0] / self.sizes[:, 1]
+
+
 def decode_all(samples: Sequence[Sample], size: int, *, resize: str = "stretch",
                desc: str = "decoding", cache_dir: str | os.PathLike | None = None
-               ) -> tuple[np.ndarray, list[Sample], list[tuple[str, str]]]:
+               ) -> DecodedSplit:
     """Decode samples to ``(N, size, size)`` uint8 (``resize``: stretch or letterbox),
     skipping unreadable files. Each file is decoded in the isolated decode pool
     (:mod:`bonefrac.data.isolation`): one that crashes or hangs its decoder is skipped too.
 
-    Returns (images, kept samples, skipped (file, reason)). With ``cache_dir`` the decoded array
-    is kept in a ``.npz`` keyed by paths, sizes and mtimes, so later runs skip decoding.
+    With ``cache_dir`` the result is kept in a ``.npz`` keyed by paths, sizes and mtimes, so
+    later runs skip decoding.
     """
     from tqdm.auto import tqdm
 
@@ -247,31 +269,35 @@ def decode_all(samples: Sequence[Sample], size: int, *, resize: str = "stretch",
     cache = Path(cache_dir) / f"decoded_{key.hexdigest()[:24]}.npz" if cache_dir else None
     if cache and cache.exists():
         z = np.load(cache, allow_pickle=False)
-        kept_rel = set(z["kept"].tolist())
-        kept = [s for s in samples if s.rel in kept_rel]
-        skipped = [tuple(x) for x in z["skipped"].tolist()]
-        return z["images"], kept, skipped
+        if "sizes" in z:  # caches written before sizes were kept are decoded again
+            kept_rel = set(z["kept"].tolist())
+            return DecodedSplit(z["images"], [s for s in samples if s.rel in kept_rel],
+                                [tuple(x) for x in z["skipped"].tolist()], z["sizes"])
 
     def one(s: Sample):
         try:
-            return decode_file(s.path, (size,), resize=resize).inputs[size], None
+            d = decode_file(s.path, (size,), resize=resize)
+            return d.inputs[size], (d.width, d.height), None
         except ImageReadError as e:
-            return None, e.reason
+            return None, None, e.reason
 
-    images, kept, skipped = [], [], []
+    images, kept, skipped, sizes = [], [], [], []
     with ThreadPoolExecutor() as ex:
-        for s, (img, err) in zip(samples, tqdm(ex.map(one, samples), total=len(samples),
-                                                desc=desc, unit="img"), strict=True):
+        for s, (img, wh, err) in zip(samples, tqdm(ex.map(one, samples), total=len(samples),
+                                                    desc=desc, unit="img"), strict=True):
             if err is None:
                 images.append(img)
                 kept.append(s)
+                sizes.append(wh)
             else:
                 skipped.append((str(s.path), err))
-    arr = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+    out = DecodedSplit(np.stack(images) if images else np.zeros((0, size, size), np.uint8),
+                       kept, skipped, np.array(sizes, np.int64).reshape(-1, 2))
     if cache:
         from bonefrac.utils import atomic_write
 
         with atomic_write(cache, "wb") as f:
-            np.savez(f, images=arr, kept=np.array([s.rel for s in kept] or [""])[:len(kept)],
+            np.savez(f, images=out.images, sizes=out.sizes,
+                     kept=np.array([s.rel for s in kept] or [""])[:len(kept)],
                      skipped=np.array(skipped or [("", "")])[:len(skipped)].reshape(-1, 2))
-    return arr, kept, skipped
+    return out

@@ -37,7 +37,7 @@ from bonefrac.data.preprocess import letterbox_rect
 __all__ = ["DICOM_SUFFIXES", "DISPLAY_MAX_SIDE", "FORMATS", "IMAGE_SUFFIXES", "MAX_PIXELS",
            "MIN_SIDE", "OUT_OF_MEMORY", "Decoded", "ImageReadError", "ImageRefused",
            "check_dimensions", "check_regular_file", "decode_pil", "failure_reason",
-           "image_size", "load_gray", "load_inputs", "open_formats"]
+           "load_gray", "load_inputs", "open_formats"]
 
 # Pillow raises its own DecompressionBombError above 2x MAX_PIXELS at open(); between 1x and 2x
 # it only warns, and decode_pil refuses those from the header, so its warning would only be noise.
@@ -159,7 +159,7 @@ class Decoded:
     - ``display``: ``(H, W)`` uint8 at the image's own aspect, longest side at most
       ``DISPLAY_MAX_SIDE`` (for overlays), or None when not asked for;
     - ``width``, ``height``: the image's size in pixels as it is displayed (EXIF rotation
-      applied), as :func:`image_size` gives it;
+      applied);
     - ``notes``: what a check run beside the decoder found ('' when nothing; see
       :meth:`bonefrac.data.isolation.DecodePool.decode`).
     """
@@ -285,24 +285,6 @@ def one_line(text: str, limit: int = 300) -> str:
     """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(W, H)`` of the image as :func:`load_gray` orients it (EXIF rotation applied): from
-    the header where Pillow reads the format, else (DICOM) from the decoded pixels.
-
-    Raises:
-        ImageReadError: as :func:`load_gray`.
-    """
-    p = Path(path)
-    try:
-        with Image.open(p, formats=open_formats()) as im:
-            w, h = im.size
-            check_dimensions(w, h)  # reading a PNG's EXIF decodes its pixels
-            return (h, w) if _transposed(im) else (w, h)
-    except Exception:  # DICOM, or a file load_gray will name the problem of
-        h, w = load_gray(p, None).shape
-        return w, h
 
 
 def check_regular_file(p: Path) -> None:

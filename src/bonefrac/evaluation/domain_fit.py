@@ -34,7 +34,7 @@ def collect_pooled(ens: Ensemble, samples: Sequence[Sample], desc: str, batch: i
                    ) -> dict[str, np.ndarray]:
     """``{member: (N, C)}`` pooled features of the readable ``samples`` (decoded through the
     shared decode cache, unreadable files skipped as in evaluation)."""
-    gray, kept, _ = decode_inputs(ens, samples, desc)
+    gray, kept, _, _ = decode_inputs(ens, samples, desc)
     n = len(kept)
     out: dict[str, list[np.ndarray]] = {m.name: [] for m in ens.members}
     for i in tqdm(range(0, n, batch), desc=f"{desc}: features", unit="batch"):

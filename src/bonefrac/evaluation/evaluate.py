@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,7 +25,6 @@ from bonefrac.evaluation.metrics import (
 from bonefrac.evaluation.report import write_split_results
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY, choose_threshold
 from bonefrac.inference.ensemble import Ensemble, fuse
-from bonefrac.inference.predict import image_aspects
 from bonefrac.utils import atomic_write, cache_dir, write_json
 
 
@@ -36,22 +36,32 @@ class SplitOutputs:
     skipped: list[tuple[str, str]]
 
 
-def decode_inputs(ens: Ensemble, samples: Sequence[Sample], desc: str
-                  ) -> tuple[dict[int, np.ndarray], list[Sample], list[tuple[str, str]]]:
-    """``samples`` decoded for ``ens``: ``({size: (N, size, size) uint8}`` for every input
-    size, resized as ``ens.resize`` says, the N kept samples, the skipped (file, reason))``;
-    through the shared decode cache."""
-    gray, kept, skipped = {}, [], []
+class EnsembleInputs(NamedTuple):
+    """``samples`` decoded for an ensemble (what :func:`decode_inputs` returns): ``gray``
+    ``{size: (N, size, size) uint8}`` for every input size, resized as ``ens.resize`` says; the
+    N ``kept`` samples; the ``skipped`` ``(file, reason)``; ``aspects`` ``(N,)`` width/height
+    of each kept image (for letterbox heat maps)."""
+
+    gray: dict[int, np.ndarray]
+    kept: list[Sample]
+    skipped: list[tuple[str, str]]
+    aspects: np.ndarray
+
+
+def decode_inputs(ens: Ensemble, samples: Sequence[Sample], desc: str) -> EnsembleInputs:
+    """``samples`` decoded for ``ens`` through the shared decode cache."""
+    gray = {}
     for size in sorted(ens.sizes):
-        gray[size], kept, skipped = decode_all(samples, size, resize=ens.resize, desc=desc,
-                                               cache_dir=cache_dir() / "decoded")
-    return gray, kept, skipped
+        d = decode_all(samples, size, resize=ens.resize, desc=desc,
+                       cache_dir=cache_dir() / "decoded")
+        gray[size] = d.images
+    return EnsembleInputs(gray, d.kept, d.skipped, d.aspects)
 
 
 def collect(ens: Ensemble, samples: Sequence[Sample], desc: str, batch: int = 64
             ) -> SplitOutputs:
     """Decode ``samples`` (skipping unreadable files) and run every member on them."""
-    gray, kept, skipped = decode_inputs(ens, samples, desc)
+    gray, kept, skipped, _ = decode_inputs(ens, samples, desc)
     logits: dict[str, list] = {m.name: [] for m in ens.members}
     n = len(kept)
     for i in range(0, n, batch):
@@ -227,14 +237,13 @@ def evaluate_localisation(ens: Ensemble, samples: Sequence[Sample],
     scored = scored_samples(samples, boxes)
     if not scored:
         return None
-    gray, kept, _ = decode_inputs(ens, scored, "localisation")
+    gray, kept, _, aspects = decode_inputs(ens, scored, "localisation")
     if not kept:
         return None
-    aspects = image_aspects(ens, [s.path for s in kept])
     peaks, pred_boxes, maps = [], [], []
     for i in range(0, len(kept), batch):
         pred = ens.predict_gray({s: g[i:i + batch] for s, g in gray.items()}, explain=True,
-                                aspect=None if aspects is None else aspects[i:i + batch])
+                                aspect=aspects[i:i + batch])
         peaks.append(pred.loc.peak)
         pred_boxes.append(pred.loc.box)
         maps.append(np.asarray(pred.cam, np.float32))

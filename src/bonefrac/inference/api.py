@@ -188,11 +188,8 @@ class Model:
             names.append(name)
             decoded.append(d)
             warnings.append(warning)
-        aspects = None
-        if resize == "letterbox":  # its heat maps are mapped back by aspect
-            aspects = [d.width / d.height for d in decoded]
-        rows, pred = predict_decoded(self.ensemble, names, [d.inputs for d in decoded],
-                                     warnings, point=point, aspects=aspects, gate=gate)
+        rows, pred = predict_decoded(self.ensemble, names, decoded, warnings, point=point,
+                                     gate=gate)
         results = []
         for j, (d, row) in enumerate(zip(decoded, rows, strict=True)):
             heat = None

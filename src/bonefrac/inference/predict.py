@@ -23,7 +23,7 @@ import io
 import json
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,6 @@ from bonefrac.data.io import (
     IMAGE_SUFFIXES,
     Decoded,
     ImageReadError,
-    image_size,
 )
 from bonefrac.data.isolation import DecodePool, decode_file
 from bonefrac.inference.domain import (
@@ -177,10 +176,8 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
         return [], errors
     # warnings use the largest input a member saw
     warnings = [decoded_warning(d, sizes[-1]) for d in decoded]
-    aspects = None if ens.resize == "stretch" else [d.width / d.height for d in decoded]
     try:
-        rows, pred = predict_decoded(ens, ok, [d.inputs for d in decoded], warnings,
-                                     point=point, aspects=aspects)
+        rows, pred = predict_decoded(ens, ok, decoded, warnings, point=point)
     except Exception as e:  # report the batch's files, keep the run going
         return [], errors + [{"file": display_path(f), "reason": f"inference failed ({e})"}
                              for f in ok]
@@ -191,23 +188,14 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
     return rows, errors
 
 
-def image_aspects(ens: Ensemble, paths: Sequence[Path]) -> list[float] | None:
-    """Width/height of each file for a letterbox model's heat maps; None for stretch models
-    (their maps need no aspect). Header reads only, for files that already decoded."""
-    if ens.resize == "stretch":
-        return None
-    return [w / h for w, h in map(image_size, paths)]
-
-
 def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
-                    decoded: Sequence[Mapping[int, np.ndarray]],
-                    warnings: Sequence[str] | None = None, *, point: str | None = None,
-                    aspects: Sequence[float] | None = None, gate: bool | None = None
+                    decoded: Sequence[Decoded], warnings: Sequence[str] | None = None, *,
+                    point: str | None = None, gate: bool | None = None
                     ) -> tuple[list[dict], Prediction]:
-    """Predict images already decoded: ``decoded[i]`` is ``{size: (size, size) uint8}`` for
-    every input size of the ensemble (``ens.sizes``, resized as ``ens.resize`` says),
-    ``names[i]`` the ``file`` of its row; ``aspects[i]`` its original width/height (needed by
-    letterbox models, see :func:`image_aspects`).
+    """Predict images already decoded: ``decoded[i].inputs`` holds ``{size: (size, size)
+    uint8}`` for every input size of the ensemble (``ens.sizes``, resized as ``ens.resize``
+    says; its width and height map a letterbox model's heat map back), ``names[i]`` is the
+    ``file`` of its row.
 
     Runs every member once on the stacked batch, always with the heat map (its peak and box
     are columns of every row), and returns ``(rows, prediction)``: one :func:`make_row` row per
@@ -222,8 +210,9 @@ def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
     if not decoded:
         raise ValueError("no images to predict")
     warnings = list(warnings) if warnings is not None else [""] * len(decoded)
-    gray = {s: np.stack([d[s] for d in decoded]) for s in sorted(ens.sizes)}
-    pred = ens.predict_gray(gray, explain=True, aspect=aspects)
+    gray = {s: np.stack([d.inputs[s] for d in decoded]) for s in sorted(ens.sizes)}
+    pred = ens.predict_gray(gray, explain=True,
+                            aspect=np.array([d.width / d.height for d in decoded]))
     gate = ens.gate_enabled if gate is None else gate
     scores = pred.domain_score
     rows = [make_row(ens, Path(name), pred.prob[i],

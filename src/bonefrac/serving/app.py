@@ -166,11 +166,9 @@ def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain:
                            "reason": "internal error while reading the file"})
     if not decoded:
         return [], errors
-    images = [d for _, _, d, _ in decoded]
-    aspects = None if ens.resize == "stretch" else [d.width / d.height for d in images]
     rows, pred = predict_decoded(ens, [name for _, name, _, _ in decoded],
-                                 [d.inputs for d in images], [w for _, _, _, w in decoded],
-                                 point=point, aspects=aspects)
+                                 [d for _, _, d, _ in decoded], [w for _, _, _, w in decoded],
+                                 point=point)
     threshold = decision_threshold(ens, point)
     out = []
     for j, ((i, _, d, _), row) in enumerate(zip(decoded, rows, strict=True)):

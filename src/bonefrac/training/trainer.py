@@ -39,8 +39,7 @@ import torch
 from torch import nn
 
 from bonefrac.data.boxes import cell_targets, dataset_boxes, read_boxes
-from bonefrac.data.dataset import DatasetIndex, decode_all, load_index
-from bonefrac.data.io import image_size
+from bonefrac.data.dataset import DatasetIndex, DecodedSplit, decode_all, load_index
 from bonefrac.data.preprocess import Preprocessing, boxes_to_letterbox
 from bonefrac.evaluation.metrics import roc_auc
 from bonefrac.models import create_model
@@ -629,18 +628,19 @@ def _training_boxes(data: str | Path, cfg: TrainConfig) -> dict[str, np.ndarray]
     return boxes
 
 
-def _image_boxes(samples, boxes: dict[str, np.ndarray] | None, resize: str = "stretch"
-                 ) -> tuple[list[np.ndarray] | None, np.ndarray]:
+def _image_boxes(samples, boxes: dict[str, np.ndarray] | None, resize: str = "stretch",
+                 sizes: np.ndarray | None = None) -> tuple[list[np.ndarray] | None, np.ndarray]:
     """Per sample its boxes in the model input's frame (non-fractured: none) and whether the
     fracture map is scored on it: non-fractured images always (all-zero target), fractured ones
-    only with a box."""
+    only with a box. ``sizes``: ``(N, 2)`` (width, height) of each image, needed for
+    letterbox."""
     if boxes is None:
         return None, np.zeros(len(samples), np.float32)
     empty = np.zeros((0, 4), np.float32)
     per = [boxes.get(s.rel, empty) if s.label == 1 else empty for s in samples]
     if resize == "letterbox":  # boxes are fractions of the image, which fills only part
-        per = [boxes_to_letterbox(b, *image_size(s.path)) if len(b) else b
-               for s, b in zip(samples, per, strict=True)]
+        per = [boxes_to_letterbox(b, int(w), int(h)) if len(b) else b
+               for b, (w, h) in zip(per, sizes, strict=True)]
     mask = np.array([s.label == 0 or len(b) > 0 for s, b in zip(samples, per, strict=True)],
                     np.float32)
     return per, mask
@@ -716,8 +716,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     run, ctx = Path(out), setup(device)
     index = _start_run(data, run, cfg, ctx, index, resume)
     model, boxes = _build_model(data, cfg, ctx)
-    gray, kept_train = _decode(index, cfg, model.preprocessing)
-    cached = _cache_views(model, cfg, ctx, index, gray, kept_train, boxes)
+    gray, train = _decode(index, cfg, model.preprocessing)
+    cached = _cache_views(model, cfg, ctx, index, gray, train, boxes)
     weights = torch.tensor(class_weights(cached.y_train), dtype=torch.float32, device=ctx.device)
     print(f"class weights (non_fractured, fractured): {weights.tolist()}")
     rs = RunSetup(cfg, model, run, ctx, weights, resume)
@@ -771,30 +771,30 @@ def _build_model(data: str | Path, cfg: TrainConfig, ctx: Dist
 
 
 def _decode(index: DatasetIndex, cfg: TrainConfig, prep: Preprocessing
-            ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list]:
-    """({split: (images decoded as ``prep`` says, labels)} for train and val, the kept training
-    samples). Decoded once, cached on disk; unreadable files are skipped and listed."""
-    gray, kept_train = {}, []
+            ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], DecodedSplit]:
+    """({split: (images decoded as ``prep`` says, labels)} for train and val, the training
+    split as decoded). Decoded once, cached on disk; unreadable files are skipped and listed."""
+    gray, train = {}, None
     for sp in ("train", "val"):
-        imgs, kept, skipped = decode_all(_limit(index.split(sp), cfg.max_images), prep.size,
-                                         resize=prep.resize, desc=f"decoding {sp}",
-                                         cache_dir=cache_dir() / "decoded")
-        index.skipped += skipped
-        gray[sp] = (imgs, np.array([s.label for s in kept], dtype=np.int64))
-        kept_train = kept if sp == "train" else kept_train
+        d = decode_all(_limit(index.split(sp), cfg.max_images), prep.size, resize=prep.resize,
+                       desc=f"decoding {sp}", cache_dir=cache_dir() / "decoded")
+        index.skipped += d.skipped
+        gray[sp] = (d.images, np.array([s.label for s in d.kept], dtype=np.int64))
+        train = d if sp == "train" else train
     for f, r in index.skipped:
         print(f"skipped {f}: {r}")
-    return gray, kept_train
+    return gray, train
 
 
 def _cache_views(model: FractureNet, cfg: TrainConfig, ctx: Dist, index: DatasetIndex,
-                 gray: dict[str, tuple[np.ndarray, np.ndarray]], kept_train: list,
+                 gray: dict[str, tuple[np.ndarray, np.ndarray]], train: DecodedSplit,
                  boxes: dict[str, np.ndarray] | None) -> Cached:
     """Freeze the backbone and run its frozen part once per view (each job by one rank)."""
     lower, _ = model.split_at(cfg.unfreeze_blocks)
     for p in model.features.parameters():
         p.requires_grad_(False)
-    train_boxes, loc_mask = _image_boxes(kept_train, boxes, model.preprocessing.resize)
+    train_boxes, loc_mask = _image_boxes(train.kept, boxes, model.preprocessing.resize,
+                                         train.sizes)
     cache = FeatureCache(model, cfg, index.fingerprint(),
                          _digest(json.dumps([b.tolist() for b in train_boxes]).encode())
                          if boxes is not None else None)
