@@ -49,18 +49,16 @@ from pynetdicom.sop_class import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import free_port  # noqa: E402
+
 IMAGES = sorted((ROOT / "tests" / "data").rglob("*.jpg"))
 DX = DigitalXRayImageStorageForPresentation
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_instances(folder: Path, n: int, per_study: int) -> list[list[Path]]:

@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -45,18 +44,16 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import free_port  # noqa: E402
+
 IMAGES = sorted((ROOT / "examples" / "test_images").glob("*.jpg")) + \
     sorted((ROOT / "tests" / "data").rglob("*.jpg"))
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int, key: str = "VmRSS") -> float:

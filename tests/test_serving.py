@@ -163,23 +163,12 @@ def test_dicom_upload(client, tmp_path):
         import bonefrac.data.dicom  # noqa: F401
     except ImportError:
         pytest.skip("DICOM decoding (bonefrac.data.dicom) is not in this tree yet")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage
+    from test_dicom import write_dicom
 
     px = np.asarray(Image.open(IMAGES[0]).convert("L"))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
-    ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME2"
-    ds.Rows, ds.Columns = px.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 8, 8, 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = px.tobytes()
-    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
-    data = (tmp_path / "x.dcm").read_bytes()
+    data = write_dicom(tmp_path / "x.dcm", px, sop_class=SecondaryCaptureImageStorage
+                       ).read_bytes()
     assert pydicom and sniff(data[:132]) == "DICOM"
     for name in ("x.dcm", "x"):  # by suffix, and by the DICM tag alone
         r = post(client, name, data, params={"explain": "true"})
