@@ -64,7 +64,7 @@ def fit_gate(train: dict[str, np.ndarray], val: dict[str, np.ndarray], *,
     probe = DomainGate(members, mean, comps, np.zeros(1), np.eye(1), 1.0, 1.0, {})
     lw = LedoitWolf().fit(probe.project(train))
     unit = DomainGate(members, mean, comps, lw.location_, lw.precision_, 1.0, 1.0, {})
-    d_val, r_val = unit.distance(val), unit.residual(val)
+    d_val, r_val = unit.measures(val)
     limits = float(np.percentile(d_val, percentile)), float(np.percentile(r_val, percentile))
     gate = DomainGate(members, mean, comps, lw.location_, lw.precision_, *limits, {})
     info = {**(info or {}), "n_train": str(n_train), "n_val": str(len(d_val)),
