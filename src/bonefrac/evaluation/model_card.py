@@ -323,10 +323,17 @@ def localisation_notes(inp: ReportInputs) -> list[str]:
 
 
 def model_date(inp: ReportInputs) -> str:
-    """UTC date of the newest member weights file (copies keep it: shutil.copy2)."""
+    """The UTC date the model was fitted on validation, as recorded at the fit; else the
+    newest member file's modification date, said to be one (a git checkout resets it)."""
+    date = inp.meta.get("fitted_on", {}).get("date")
+    if date:
+        return f"fitted {date} (UTC)"
     times = [(inp.model_dir / s[k]).stat().st_mtime for s in inp.meta.get("members", [])
              for k in ("weights", "onnx") if s.get(k) and (inp.model_dir / s[k]).is_file()]
-    return datetime.fromtimestamp(max(times), UTC).date().isoformat() if times else "unknown"
+    if not times:
+        return "date not recorded"
+    day = datetime.fromtimestamp(max(times), UTC).date().isoformat()
+    return f"date not recorded; weights files modified {day} (UTC)"
 
 
 def training_epochs(inp: ReportInputs, spec: dict) -> str:
@@ -379,6 +386,7 @@ def limitations(inp: ReportInputs) -> list[str]:
                "many images downsized). Other hospitals, scanners, body parts, "
                "paediatric patients and DICOM windowing may change performance; validate "
                "externally (`bonefrac evaluate --split all`) before relying on any number.")
+    out.append(gate_line(inp.meta.get("domain_gate")))
     out += prevalence_lines(inp)
     widths = {k: num(m[k]["ci95"][1]) - num(m[k]["ci95"][0]) for k in ("sensitivity",
               "specificity", "roc_auc") if num(m[k].get("ci95", [None])[0]) is not None
@@ -409,6 +417,24 @@ def limitations(inp: ReportInputs) -> list[str]:
         out.append("Image-level labels only: no localisation ground truth, so the Grad-CAM "
                    "maps are unvalidated hints, not evidence of where a fracture is.")
     return out
+
+
+def gate_line(gate: dict | None) -> str:
+    """The limitation line of the model's input-domain gate (``ensemble_meta.json``)."""
+    if not gate:
+        return ("Input-domain gate: none is shipped with this model, so an image unlike the "
+                "training data (another modality, a photograph) gets a probability like any "
+                "other; fit one with `bonefrac ensemble gate`.")
+    try:  # stored as text (the gate's fit info)
+        share = f"{float(gate['val_flagged']):.1%}"
+    except (KeyError, TypeError, ValueError):
+        share = "n/a"
+    return (f"Input-domain gate: {gate.get('how', 'fitted on the training features')}. It "
+            f"flags {share} of validation images; a flagged image keeps its probability "
+            "but gets the decision 'uncertain' with the reason (`--no-gate` turns this "
+            "off). It catches inputs far from the training images (non-radiographs, other "
+            "modalities), not every hospital's or scanner's shift: an image it passes is "
+            "not thereby in the domain.")
 
 
 # -------------------------------------------------------------------------- rendering
@@ -449,7 +475,7 @@ def _card_details(inp: ReportInputs) -> list[str]:
              f"- Model id: `{meta.get('model_id', inp.model_dir.name)}`; "
              + (f"built with bonefrac {version}" if version else
                 "a single training run (bonefrac version not recorded in it)")
-             + f"; weights dated {model_date(inp)} (file modification date, UTC).",
+             + f"; {model_date(inp)}.",
              f"- Type: {'training run (one member)' if inp.is_run else 'ensemble'} of "
              f"{len(meta.get('members', []))} convolutional classifier(s): ImageNet-pretrained "
              "backbone, global average pooling, small MLP head, 2 logits "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bonefrac import CLASSES, DISCLAIMER, __version__
@@ -24,9 +25,11 @@ from bonefrac.utils import sha256_file, write_json
 
 
 def _fitted_on(index: DatasetIndex, n_val: int) -> dict:
+    """What a fit used, and when (UTC date: a checkout's file times are the clone's)."""
     return {"data": str(index.root), "data_fingerprint": index.fingerprint(),
             "split_source": index.source, "val_n": n_val,
-            "splits": {sp: len(index.split(sp)) for sp in ("train", "val", "test")}}
+            "splits": {sp: len(index.split(sp)) for sp in ("train", "val", "test")},
+            "date": datetime.now(UTC).date().isoformat()}
 
 
 def finalize_run(run: str | Path, index: DatasetIndex, policy: str = DEFAULT_POLICY,
