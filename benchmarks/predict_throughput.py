@@ -147,7 +147,7 @@ def time_torch(model: Path, files: list[Path], *, batch: int, threads: int, repe
     sizes = sorted(ens.sizes)
 
     def decode(f: Path) -> dict[int, np.ndarray]:
-        return {s: load_gray(f, s) for s in sizes}
+        return {s: load_gray(f, s, ens.resize) for s in sizes}
 
     def run(fs: list[Path]) -> np.ndarray:
         probs = []

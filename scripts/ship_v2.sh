@@ -14,7 +14,7 @@ $BF ensemble fit --members "$RUNS/mobilenetv2_v2_320$SUFFIX" "$RUNS/efficientnet
     --data "$DATA" --out "$RUNS/ensemble_v2$SUFFIX" --fit-weights logloss \
     --model-id "bonefrac-mnv2-lite0-bone-fracture-v2${SUFFIX//_/-}"
 rm -rf "$V2"; mkdir -p "$V2"
-cp "$RUNS"/ensemble_v2$SUFFIX/{ensemble_meta.json,*.onnx,*.safetensors,*_history.json} "$V2/"
+cp "$RUNS"/ensemble_v2$SUFFIX/{ensemble_meta.json,domain_gate.npz,*.onnx,*.safetensors,*_history.json} "$V2/"
 $BF evaluate --model "$V2" --data "$DATA" --split test --subgroup yolo_classes \
     --compare-with "$V1"
 $BF predict examples/test_images --model "$V2" --explain --out "$V2/Results/example_predictions"
