@@ -21,12 +21,14 @@ switched off (``--no-gate``), ``decision = "uncertain"``:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from bonefrac.inference.model_folder import ModelFileError, check_file
 from bonefrac.utils import atomic_write
@@ -140,6 +142,19 @@ def array_checks(image: np.ndarray, gray: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------------------- learned check
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """A context in which numpy's BLAS runs on the calling thread only. The gate's small
+    matmuls are faster so, and a multi-threaded BLAS call leaves worker threads spinning that
+    took the CPU from ONNX Runtime and the decoders: v1 end to end 55.8 -> 69.7 images/s on
+    2 cores (benchmarks/predict_throughput.py, OPENBLAS_NUM_THREADS=1 against the default)."""
+    return _blas().limit(limits=1, user_api="blas")
+
+
 @dataclass(frozen=True)
 class DomainGate:
     """Mahalanobis distance of pooled features from the training split's.
@@ -182,6 +197,10 @@ class DomainGate:
         ``(N,)`` residuals: the sum over members of the share of the centred features' norm
         that lies outside the principal components (0: all inside, 1: none). One projection
         serves both."""
+        with _one_blas_thread():
+            return self._measures(pooled)
+
+    def _measures(self, pooled: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         x = self._centred(pooled)
         scores = [x[m] @ self._bases[m] for m in self.members]
         z = np.concatenate(scores, axis=1) - self.location
