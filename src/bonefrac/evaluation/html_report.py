@@ -18,6 +18,7 @@ from bonefrac.evaluation.model_card import (
     ReportInputs,
     Table,
     calibration_table,
+    explanation,
     fmt,
     limitations,
     localisation_notes,
@@ -231,10 +232,10 @@ def render_html(inp: ReportInputs) -> tuple[str, list[str]]:
               ["<p class='muted'>Not evaluated (<code>bonefrac evaluate --subgroup "
                "COLUMN</code>).</p>"])
     if inp.heatmaps:  # from `bonefrac predict --explain --out Results/<name>`
-        parts += ["<h2>Grad-CAM heat maps</h2>",
-                  "<p class='muted'>Fused Grad-CAM of the fracture logit (members' maps "
-                  "weighted by the fusion weights): where the model looked, not where a "
-                  "fracture is.</p>", _figures(inp.heatmaps, warnings)]
+        parts += ["<h2>Heat maps</h2>",
+                  f"<p class='muted'>{_e(explanation(inp.meta).capitalize())} A hint of where "
+                  "the model looked, not proof of where a fracture is.</p>",
+                  _figures(inp.heatmaps, warnings)]
     if by_section.get("training"):
         parts += ["<h2>Training curves</h2>", _figures(by_section["training"], warnings)]
     if by_section.get("other"):

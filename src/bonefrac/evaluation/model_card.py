@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bonefrac import CLASSES, DISCLAIMER, __version__
+from bonefrac import CLASSES, DISCLAIMER, FRACTURE_MAP, __version__
 from bonefrac.evaluation.report import METRIC_ROWS
-from bonefrac.inference.model_folder import ModelFolder
+from bonefrac.inference.model_folder import ModelFolder, member_heatmap
 from bonefrac.utils import write_text
 
 # Data sets whose provenance we have checked, keyed by a marker found in the data folder's
@@ -419,6 +419,29 @@ def limitations(inp: ReportInputs) -> list[str]:
     return out
 
 
+def explanation(meta: dict) -> str:
+    """What the heat map is, from the members' map kinds (``ensemble_meta.json``)."""
+    kinds = {member_heatmap(s) for s in meta.get("members", [])}
+    if kinds == {FRACTURE_MAP}:
+        return ("the box-supervised fracture map: a 1x1 convolution on the last feature map "
+                "gives one P(fracture) per cell, trained against the data set's fracture "
+                "boxes; the members' maps are fused with the fusion weights, and the peak and "
+                "box are read from the fused map.")
+    grad = ("closed-form Grad-CAM of the fracture logit on the last feature maps, fused with "
+            "the fusion weights")
+    if FRACTURE_MAP in kinds:
+        return f"per member, its box-supervised fracture map or {grad}."
+    return f"{grad}."
+
+
+def input_square(spec: dict) -> str:
+    """``320 px letterbox (aspect kept, black bars)`` from a member's preprocessing."""
+    prep = spec.get("preprocessing", {})
+    how = {"letterbox": "letterbox (aspect kept, black bars)"}.get(
+        prep.get("resize", "stretch"), "stretched to a square")
+    return f"{prep.get('size')} px {how}"
+
+
 def gate_line(gate: dict | None) -> str:
     """The limitation line of the model's input-domain gate (``ensemble_meta.json``)."""
     if not gate:
@@ -482,15 +505,16 @@ def _card_details(inp: ReportInputs) -> list[str]:
              f"({', '.join(meta.get('classes', CLASSES))}); output P(fractured).",
              f"- Fusion: {meta.get('fusion', 'single member')} "
              f"({meta.get('weights_how', 'one member')}).",
-             "- Explanations: closed-form Grad-CAM of the fracture logit on the last feature "
-             "maps, fused with the fusion weights.",
+             f"- Explanations: {explanation(meta)}",
              f"- Licence of the code: {_code_licence()}. Weights inherit the terms of their "
              "ImageNet initialisation and of the training data (below).", ""]
     for s in meta.get("members", []):
         lines.append(f"- Member `{s['name']}` ({s.get('arch')}): initialised from "
-                     f"{s.get('config', {}).get('backbone_weights', 'not recorded')}; "
-                     f"{training_epochs(inp, s)}; input {s.get('preprocessing', {}).get('size')}"
-                     f" px grayscale replicated to 3 channels; weights sha256 "
+                     f"{s.get('config', {}).get('backbone_weights', 'not recorded')}"
+                     + (f", then warm-started from `{s['config']['init_from']}`"
+                        if s.get("config", {}).get("init_from") else "") + "; "
+                     f"{training_epochs(inp, s)}; input {input_square(s)}, grayscale "
+                     "replicated to 3 channels; weights sha256 "
                      f"{str(s.get('weights_sha256') or 'not recorded')[:16]}...")
     return lines
 
@@ -507,7 +531,8 @@ _CARD_USE = [  # Intended use and Out-of-scope use, and the next section's headi
               "clinically validated.",
               "- Use without a qualified radiologist reading every image; use on body parts, "
               "modalities (CT, MRI) or populations (e.g. children) absent from training.",
-              "- Reading the Grad-CAM map as a fracture localisation.", "",
+              "- Reading the heat map, its peak or its box as proof of where a fracture is "
+              "(or that there is none elsewhere): they are hints to check.", "",
               "## Training data", "",
 ]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac import FRACTURE_MAP, GRADCAM
+from bonefrac import FRACTURE_MAP
 from bonefrac.data.preprocess import Preprocessing
 from bonefrac.inference.calibration import calibrated_prob, fuse
 from bonefrac.inference.domain import DomainGate, load_gate
@@ -27,6 +27,7 @@ from bonefrac.inference.model_folder import (
     META_NAME,
     ModelFileError,
     ModelFolder,
+    member_heatmap,
     run_meta_as_ensemble,
 )
 
@@ -50,7 +51,7 @@ class Member:
     def heatmap(self) -> str:
         """What the member's map output is: ``FRACTURE_MAP`` (a trained per-cell P(fracture),
         box-supervised) or ``GRADCAM`` (closed-form Grad-CAM of the fracture logit)."""
-        return self.spec.get("heatmap") or self.spec.get("config", {}).get("heatmap", GRADCAM)
+        return member_heatmap(self.spec)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonefrac import GRADCAM
 from bonefrac.utils import sha256_file
 
 META_NAME = "ensemble_meta.json"
@@ -149,3 +150,10 @@ class ModelFolder:
         path = self.root / spec[key]
         check_file(path, spec.get(f"{key}_sha256") if verify else None)
         return path
+
+
+def member_heatmap(spec: dict) -> str:
+    """What a member's map output is, from its entry in the meta: ``FRACTURE_MAP`` (a trained
+    per-cell P(fracture), box-supervised) or ``GRADCAM`` (closed-form Grad-CAM of the fracture
+    logit; models from before v2 record nothing)."""
+    return spec.get("heatmap") or spec.get("config", {}).get("heatmap", GRADCAM)

@@ -32,6 +32,14 @@ def _fitted_on(index: DatasetIndex, n_val: int) -> dict:
             "date": datetime.now(UTC).date().isoformat()}
 
 
+def _warm_start(run: Path) -> dict:
+    """``{"init_from": NAME}``: the model folder a run was warm-started from (its name only:
+    the path is the training machine's), or {}."""
+    cfg = run / "config.json"
+    src = json.loads(cfg.read_text()).get("init_from") if cfg.is_file() else None
+    return {"init_from": Path(src).name} if src else {}
+
+
 def finalize_run(run: str | Path, index: DatasetIndex, policy: str = DEFAULT_POLICY,
                  evaluate: bool = True) -> dict:
     """Temperature, threshold and operating points of a trained run, fitted on validation;
@@ -106,8 +114,9 @@ def fit_ensemble(runs: Sequence[str | Path], index: DatasetIndex, out: str | Pat
             "name": name, "arch": mj["arch"], "source_run": str(run),
             "weights": f"{name}.safetensors",
             "weights_sha256": sha256_file(out / f"{name}.safetensors"),
-            "config": {k: mj[k] for k in ("arch", "hidden", "dropout", "backbone_weights",
-                                          "loc_head", "heatmap") if k in mj},
+            "config": {**{k: mj[k] for k in ("arch", "hidden", "dropout", "backbone_weights",
+                                             "loc_head", "heatmap") if k in mj},
+                       **_warm_start(run)},
             "preprocessing": mj["preprocessing"], "history": f"{name}_history.json",
             "temperature": 1.0, "fusion_weight": 1.0 / len(runs)})
     meta = {"format": "bonefrac-ensemble/1",
