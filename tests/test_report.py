@@ -209,3 +209,29 @@ def test_corrupt_figure_is_left_out_with_a_warning(ens_copy, capsys):
     p = _check_html(ens_copy / "Results" / "report.html")
     assert len(p.imgs) == len(list((ens_copy / "Results").glob("*.png"))) - 1
     assert not (ens_copy / "MODEL_CARD.md").exists()
+
+
+def test_cards_say_what_the_shipped_models_are():
+    """The shipped models' cards, rendered from their own folders: v2 explains the fracture
+    map, letterbox inputs, its warm start and its gate; v1 explains Grad-CAM on stretched
+    inputs; the date is the recorded fit date, not a file time of this checkout."""
+    from helpers import SHIPPED_ENSEMBLE, SHIPPED_V2
+
+    from bonefrac.evaluation.html_report import render_html
+    from bonefrac.evaluation.model_card import gate_line, load_inputs, render_model_card
+
+    v2 = load_inputs(SHIPPED_V2)
+    card = render_model_card(v2)
+    share = float(v2.meta["domain_gate"]["val_flagged"])
+    assert "Explanations: the box-supervised fracture map" in card
+    assert card.count("input 320 px letterbox (aspect kept, black bars)") == 2
+    assert card.count("warm-started from `ensemble_bone-fracture_v1`") == 2
+    assert f"fitted {v2.meta['fitted_on']['date']} (UTC)" in card
+    assert "Input-domain gate: Mahalanobis distance" in card and f"flags {share:.1%}" in card
+    html, _ = render_html(v2)
+    assert "<h2>Heat maps</h2>" in html and "The box-supervised fracture map" in html
+
+    v1 = render_model_card(load_inputs(SHIPPED_ENSEMBLE))
+    assert "Explanations: closed-form Grad-CAM" in v1 and "warm-started" not in v1
+    assert v1.count("input 224 px stretched to a square") == 2
+    assert "none is shipped" in gate_line(None)

@@ -59,6 +59,11 @@ code{background:#f2f2f2;padding:0 .2rem}
 """
 
 
+def _sentence(text: str) -> str:
+    """``text`` with its first letter upper-cased (``str.capitalize`` lowers the rest)."""
+    return text[:1].upper() + text[1:]
+
+
 def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
@@ -233,7 +238,7 @@ def render_html(inp: ReportInputs) -> tuple[str, list[str]]:
                "COLUMN</code>).</p>"])
     if inp.heatmaps:  # from `bonefrac predict --explain --out Results/<name>`
         parts += ["<h2>Heat maps</h2>",
-                  f"<p class='muted'>{_e(explanation(inp.meta).capitalize())} A hint of where "
+                  f"<p class='muted'>{_e(_sentence(explanation(inp.meta)))} A hint of where "
                   "the model looked, not proof of where a fracture is.</p>",
                   _figures(inp.heatmaps, warnings)]
     if by_section.get("training"):
