@@ -3,9 +3,9 @@
 # Everything fitted (temperatures, fusion weights, threshold, operating points) comes from the
 # VALIDATION split; the test split is only reported. Usage:
 #   bash scripts/ship_v2.sh DATA RUNS_DIR
-# RESIZE=letterbox ships the letterbox runs (train_v2.sh with the same RESIZE).
+# RESIZE and LOC_WEIGHT pick the runs, as for train_v2.sh.
 set -euo pipefail
-DATA=${1:?data folder}; RUNS=${2:-runs}; SUFFIX=${RESIZE:+_$RESIZE}
+DATA=${1:?data folder}; RUNS=${2:-runs}; SUFFIX=${RESIZE:+_$RESIZE}${LOC_WEIGHT:+_loc$LOC_WEIGHT}
 BF=${BONEFRAC:-bonefrac}
 V2=src/bonefrac/pretrained/ensemble_bone-fracture_v2
 V1=src/bonefrac/pretrained/ensemble_bone-fracture_v1
