@@ -163,7 +163,7 @@ class DomainGate:
     principal axes on the training features); the members' projections are concatenated to
     ``K = sum k_m`` values, whose ``location`` ``(K,)`` and shrunk ``precision`` ``(K, K)``
     give the distance. ``threshold``: the distance at which ``domain_score`` = 1;
-    ``residual_threshold``: likewise for the residual (:meth:`residual`).
+    ``residual_threshold``: likewise for the residual (:meth:`measures`).
     """
 
     members: tuple[str, ...]
@@ -187,10 +187,13 @@ class DomainGate:
     def _centred(self, pooled: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {m: np.asarray(pooled[m], np.float64) - self.mean[m] for m in self.members}
 
+    def _scores(self, x: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Per member, ``(N, k_m)`` principal-component scores of centred features ``x``."""
+        return [x[m] @ self._bases[m] for m in self.members]
+
     def project(self, pooled: Mapping[str, np.ndarray]) -> np.ndarray:
         """``{member: (N, C_m)}`` -> ``(N, K)`` principal-component scores."""
-        x = self._centred(pooled)
-        return np.concatenate([x[m] @ self._bases[m] for m in self.members], axis=1)
+        return np.concatenate(self._scores(self._centred(pooled)), axis=1)
 
     def measures(self, pooled: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """``(N,)`` Mahalanobis distances (in standard deviations of the training features) and
@@ -202,7 +205,7 @@ class DomainGate:
 
     def _measures(self, pooled: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         x = self._centred(pooled)
-        scores = [x[m] @ self._bases[m] for m in self.members]
+        scores = self._scores(x)
         z = np.concatenate(scores, axis=1) - self.location
         dist = np.sqrt(np.maximum(np.einsum("nk,nk->n", z @ self.precision, z), 0.0))
         residual = np.zeros(len(z))
@@ -212,14 +215,6 @@ class DomainGate:
             out = np.sqrt(np.maximum(xx - np.einsum("nk,nk->n", zm, zm), 0.0))
             residual += out / np.maximum(np.sqrt(xx), 1e-12)
         return dist, residual
-
-    def distance(self, pooled: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``(N,)`` Mahalanobis distances (see :meth:`measures`)."""
-        return self.measures(pooled)[0]
-
-    def residual(self, pooled: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``(N,)`` residual shares (see :meth:`measures`)."""
-        return self.measures(pooled)[1]
 
     def score(self, pooled: Mapping[str, np.ndarray]) -> np.ndarray:
         """``(N,)`` domain scores: max(distance / threshold, residual / residual_threshold);
