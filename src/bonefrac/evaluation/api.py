@@ -31,7 +31,9 @@ def evaluate(model: Model | Ensemble | str | os.PathLike | None, data: str | os.
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (external validation: every
             image is test).
         out: the Results folder (default: ``MODEL/Results``).
-        refit_threshold, subgroup, backend: as the CLI's options of the same names.
+        refit_threshold: as ``bonefrac evaluate --refit-threshold``.
+        subgroup: as ``bonefrac evaluate --subgroup``.
+        backend: as ``bonefrac evaluate --backend``.
         seed: the split seed for folders without a manifest.
     Returns:
         The metrics dict ``bonefrac evaluate`` writes to ``metrics.json``.
