@@ -1,8 +1,9 @@
 """DICOM radiograph -> 8-bit grayscale, as a viewer would display it (needs ``bonefrac[dicom]``).
 
 Pipeline (DICOM PS3.3 C.11, C.7.6.3): stored values (BitsStored, sign) -> Modality LUT or
-Rescale Slope/Intercept -> VOI LUT or Window Center/Width when present, else a robust
-0.5-99.5 percentile stretch -> MONOCHROME1 inverted so bone is bright, as in MONOCHROME2.
+Rescale Slope/Intercept -> VOI LUT or Window Center/Width when present, else the stored range
+(BitsStored, through the rescale; see ``_effective_bits``) mapped onto 0..255, as an 8-bit
+file's values are kept -> MONOCHROME1 inverted so bone is bright, as in MONOCHROME2.
 Colour objects (RGB, YBR, PALETTE COLOR) become luma exactly as Pillow converts an RGB JPEG.
 Only single-frame images are accepted; everything else is refused with a reason.
 """
@@ -19,7 +20,6 @@ from bonefrac.data.limits import DICOM_SUFFIXES, ImageRefused, check_dimensions
 __all__ = ["DICOM_SUFFIXES", "dicom_to_pil", "display_array"]
 
 INSTALL_HINT = "pip install 'bonefrac[dicom]'"
-PERCENTILES = (0.5, 99.5)  # ignore burned-in labels and collimator edges when there is no VOI
 # Where pydicom has no decoder installed for a compressed transfer syntax: what provides one.
 # (pylibjpeg-libjpeg also decodes JPEG lossless / JPEG-LS but is GPL-3.0, so not suggested.)
 _DECODERS = {
@@ -87,22 +87,28 @@ def _grayscale_values(arr: np.ndarray, ds) -> tuple[np.ndarray, float, float]:
             return apply_voi_lut(values, ds), *_window_output_range(ds)
         except (ValueError, TypeError, IndexError):
             pass  # a broken window (width 0, non-numeric): display as if there were none
+    # No window: the stored range, as for 8-bit data (display values already) and as the
+    # writer meant it, so the same pixels give the same P however many bits hold them. A
+    # percentile stretch changed P by up to 0.23 (benchmarks/dicom_intensity.py).
+    lo, hi = sorted(_window_output_range(ds, _effective_bits(arr, ds)))  # slope may be < 0
+    return values, lo, hi
+
+
+def _effective_bits(arr: np.ndarray, ds) -> int:
+    """BitsStored, or fewer where unsigned data fill no more than its lowest BitsStored - 4
+    bits: 12-bit values declared 16-bit (common) would otherwise display almost black."""
     bits = int(ds.BitsStored)
-    if not has_modality and int(ds.PixelRepresentation) == 0 and bits <= 8:
-        # 8-bit data are display values already (secondary captures of JPEGs): keep them.
-        return values, 0.0, float(2**bits - 1)
-    sample = values
-    if "PixelPaddingValue" in ds:  # area outside the detector must not set the contrast
-        sample = values[arr != ds.PixelPaddingValue]
-        sample = sample if sample.size else values
-    lo, hi = np.percentile(sample, PERCENTILES)
-    return values, float(lo), float(hi)
+    if int(ds.PixelRepresentation) != 0 or arr.size == 0:
+        return bits
+    used = max(8, int(arr.max()).bit_length())
+    return used if used <= bits - 4 else bits
 
 
-def _window_output_range(ds) -> tuple[float, float]:
+def _window_output_range(ds, bits: int | None = None) -> tuple[float, float]:
     """The (y_min, y_max) that pydicom's ``apply_windowing`` maps a window onto (PS3.3
-    C.11.2.1.2): the stored range, through the rescale when there is one."""
-    bits = int(ds.BitsStored)
+    C.11.2.1.2): the stored range of ``bits`` (default BitsStored), through the rescale when
+    there is one."""
+    bits = int(ds.BitsStored) if bits is None else bits
     if "ModalityLUTSequence" in ds:
         y_min, y_max = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
     elif int(ds.PixelRepresentation) == 0:
