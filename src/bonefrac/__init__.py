@@ -30,6 +30,28 @@ CLASSES: tuple[str, str] = ("non_fractured", "fractured")
 # What a member's heat-map output is: a box-supervised per-cell P(fracture), or Grad-CAM.
 FRACTURE_MAP, GRADCAM = "fracture_map", "gradcam"
 
+
+
+class BonefracError(Exception):
+    """Base of every error bonefrac raises on purpose: bad input, a bad model folder or
+    configuration. Its message is meant for the user as is: the CLI prints it as one line
+    (``bonefrac COMMAND: error: MESSAGE``, exit 1); anything else that escapes is a bug, and
+    the CLI writes its traceback to a log file. Subclasses keep their historical bases too
+    (``ValueError``, ...) so that existing ``except`` clauses still catch them."""
+
+
+class InputError(BonefracError, ValueError):
+    """A value the user gave (an argument, option, configuration, policy or data set) that
+    cannot be used as given; the message names it and says why."""
+
+
+class UnknownNameError(BonefracError, KeyError):
+    """A name that is not registered (an architecture, ...); the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 # Lazy attributes: name -> (module, attribute); subpackages load as themselves.
 _LAZY = {
     "load": ("bonefrac.inference.api", "load"),
@@ -40,8 +62,8 @@ _LAZY = {
 _SUBPACKAGES = ("cli", "data", "evaluation", "export", "inference", "models", "serving",
                 "training", "utils")
 
-__all__ = ["CLASSES", "DISCLAIMER", "FRACTURE_MAP", "GRADCAM", "Model", "Result",
-           "__version__", "evaluate", "load"]
+__all__ = ["CLASSES", "DISCLAIMER", "FRACTURE_MAP", "GRADCAM", "BonefracError", "InputError",
+           "Model", "Result", "UnknownNameError", "__version__", "evaluate", "load"]
 
 
 def __getattr__(name: str):

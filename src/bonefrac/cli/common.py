@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from bonefrac import BonefracError
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY
 
 # Model names are resolved on the torch-free inference side (bonefrac.load uses them too);
@@ -26,7 +27,7 @@ from bonefrac.inference.model_folder import (  # noqa: F401
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
-class CLIError(Exception):
+class CLIError(BonefracError):
     """An expected failure: printed as one line, exit code 1, no traceback."""
 
 

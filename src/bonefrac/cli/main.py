@@ -2,8 +2,9 @@
 ``bonefrac predict`` starts fast and works on the light, torch-free install; a command that
 needs an extra checks for it first (:mod:`bonefrac.cli.extras`).
 
-Errors bonefrac raises on purpose print one line; anything else is a bug and keeps its
-traceback (:func:`is_expected`).
+Errors bonefrac raises on purpose (:class:`bonefrac.BonefracError` and its subclasses, a file
+system that says no, a missing optional extra) print one line; anything else is a bug: one line
+says so and where its traceback was written (:func:`is_expected`, :func:`report_bug`).
 
 Exit codes: 0 success; 1 error (bad model, unwritable output, missing dependency, ...);
 2 usage error; 3 prediction finished but some input files failed (listed in the outputs).
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import linecache
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
-from bonefrac import DISCLAIMER, __version__
+from bonefrac import DISCLAIMER, BonefracError, __version__
 from bonefrac.cli.common import (
     EXIT_ERROR,
     EXIT_OK,
@@ -26,9 +29,7 @@ from bonefrac.cli.common import (
     CLIError,
     HelpFormatter,
 )
-from bonefrac.data.boxes import BoxFileError
-from bonefrac.data.io import ImageReadError
-from bonefrac.inference.model_folder import ModelFileError
+from bonefrac.utils import cache_dir, write_text
 
 # command name -> module in bonefrac.cli with add_arguments(parser) and run(args) -> int
 COMMANDS = {
@@ -49,15 +50,17 @@ COMMANDS = {
 }
 
 __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "CLIError",
-           "build_parser", "is_expected", "main"]
+           "build_parser", "is_expected", "main", "report_bug"]
 
-# Failures bonefrac reports on purpose (a bad input, model or output folder, a file system that
-# says no): one line each. OSError covers FileNotFoundError / FileExistsError / PermissionError.
-EXPECTED_ERRORS = (CLIError, ModelFileError, ImageReadError, BoxFileError, OSError)
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# Failures reported on purpose: one line each. OSError covers FileNotFoundError /
+# FileExistsError / PermissionError (a file system that says no is not a bug).
+EXPECTED_ERRORS = (BonefracError, OSError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``only`` (a command name), only that command's
+    arguments are added (the others are listed by name): a command's module may import what
+    it needs to describe its options, and ``bonefrac predict`` should not wait for that."""
     p = argparse.ArgumentParser(
         prog="bonefrac",
         description="Fracture / no-fracture classification of musculoskeletal radiographs.",
@@ -68,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_,
                             formatter_class=HelpFormatter)
         sp.set_defaults(_module=module)
-        _module(module).add_arguments(sp)
+        if only is None or only == name:
+            _module(module).add_arguments(sp)
     return p
 
 
@@ -77,45 +81,51 @@ def _module(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         return int(_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if not is_expected(e):
-            raise  # a bug: the traceback is what a bug report needs
-        print(f"bonefrac {args.command}: error: {e}", file=sys.stderr)
+        if is_expected(e):
+            print(f"bonefrac {args.command}: error: {e}", file=sys.stderr)
+        else:
+            log = report_bug(args.command, e)
+            print(f"bonefrac {args.command}: internal error (a bug in bonefrac, please report "
+                  f"it): {type(e).__name__}: {e}; traceback written to {log}", file=sys.stderr)
         return EXIT_ERROR
 
 
 def is_expected(e: BaseException) -> bool:
-    """Whether ``e`` is a failure bonefrac reports on purpose rather than a bug.
-
-    ValueError and KeyError are both: config validation, unknown architectures and bad policies
-    raise them deliberately, while numpy, a dict lookup or an unpacking raise them by accident.
-    So they count as deliberate only when a ``raise`` statement in bonefrac's own source raised
-    them. A missing third-party module (an optional extra) is a setup problem, not a bug.
-    """
+    """Whether ``e`` is a failure bonefrac reports on purpose rather than a bug: a
+    :class:`bonefrac.BonefracError`, an ``OSError``, or a missing third-party module (an
+    optional extra not installed: a setup problem). Everything else (a ``ValueError`` from
+    numpy, a ``KeyError`` from a dict lookup, ...) is a bug."""
     if isinstance(e, EXPECTED_ERRORS):
         return True
     if isinstance(e, ModuleNotFoundError):
         return bool(e.name) and e.name.partition(".")[0] != "bonefrac"
-    return isinstance(e, ValueError | KeyError) and raised_by_bonefrac(e)
+    return False
 
 
-def raised_by_bonefrac(e: BaseException) -> bool:
-    """True when the innermost frame of ``e``'s traceback is a ``raise`` in the bonefrac package."""
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    path = Path(tb.tb_frame.f_code.co_filename).resolve()
-    if not path.is_relative_to(PACKAGE_DIR):
-        return False
-    return linecache.getline(str(path), tb.tb_lineno).lstrip().startswith("raise")
+def report_bug(command: str, e: BaseException) -> Path:
+    """Write ``e``'s traceback (with the version and command) to a log file and return its
+    path: under ``bonefrac.utils.cache_dir()/crash``, else the temporary directory."""
+    text = (f"bonefrac {__version__}, command {command!r}, Python {sys.version.split()[0]}\n"
+            + "".join(traceback.format_exception(e)))
+    name = f"{command}-{time.strftime('%Y%m%dT%H%M%S')}-{id(e):x}.log"
+    for folder in (lambda: cache_dir() / "crash", lambda: Path(tempfile.gettempdir())):
+        try:
+            path = folder() / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, text)
+            return path
+        except OSError:
+            continue
+    sys.stderr.write(text)  # nowhere to write it: the traceback itself, on stderr
+    return Path("<stderr>")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from bonefrac import DISCLAIMER
+from bonefrac import DISCLAIMER, BonefracError
 from bonefrac.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -117,7 +117,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-class Interrupted(Exception):
+class Interrupted(BonefracError):
     """SIGINT or SIGTERM arrived; ``signum`` says which."""
 
     def __init__(self, signum: int):

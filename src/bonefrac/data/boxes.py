@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bonefrac import BonefracError
+
 BOXES_NAME = "boxes.csv"
 _COLUMNS = ("path", "x0", "y0", "x1", "y1")
 
 
-class BoxFileError(ValueError):
+class BoxFileError(BonefracError, ValueError):
     """A ``boxes.csv`` that cannot be used; the message names the file, the row and the reason."""
 
 

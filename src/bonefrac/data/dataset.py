@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bonefrac import CLASSES
+from bonefrac import CLASSES, InputError
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageReadError
 from bonefrac.data.isolation import decode_file
 
@@ -110,7 +110,7 @@ def load_index(root: str | os.PathLike, *, seed: int = 0, val_frac: float = 0.1,
         if manifest and s.rel in manifest:
             m = manifest[s.rel]
             if m.get("label") and m["label"] != CLASSES[s.label]:
-                raise ValueError(f"{root / 'manifest.csv'}: {s.rel} is labelled {m['label']} "
+                raise InputError(f"{root / 'manifest.csv'}: {s.rel} is labelled {m['label']} "
                                  f"but lies in {CLASSES[s.label]}/")
             s.split = _SPLIT_ALIASES.get((m.get("split") or m.get("orig_split") or "").lower(), "")
 
@@ -142,7 +142,7 @@ def check_no_group_straddles(samples: Sequence[Sample]) -> None:
     bad = {g: sorted(v) for g, v in splits.items() if len(v) > 1}
     if bad:
         g, v = next(iter(bad.items()))
-        raise ValueError(f"{len(bad)} near-duplicate group(s) straddle splits, e.g. {g} in {v}")
+        raise InputError(f"{len(bad)} near-duplicate group(s) straddle splits, e.g. {g} in {v}")
 
 
 def stratified_group_split(samples: Sequence[Sample], *, seed: int, val_frac: float,

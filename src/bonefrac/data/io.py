@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from bonefrac import BonefracError, InputError
+
 # The limits live below both decoders (this module and bonefrac.data.dicom), so the two do not
 # import each other; they are re-exported here, where callers have always found them.
 from bonefrac.data.limits import (
@@ -58,7 +60,7 @@ _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 OUT_OF_MEMORY = "out of memory while decoding"
 
 
-class ImageReadError(Exception):
+class ImageReadError(BonefracError):
     """A file that cannot be used as an image; ``str()`` names the file and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
@@ -138,17 +140,17 @@ def gray_from_array(image: np.ndarray, size: int | None = 224, resize: str = "st
     """
     a = np.asarray(image)
     if a.ndim != 2:
-        raise ValueError(f"expected a (H, W) grayscale array, got shape {a.shape}")
+        raise InputError(f"expected a (H, W) grayscale array, got shape {a.shape}")
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-            raise ValueError("a float image must hold finite values in [0, 1]")
+            raise InputError("a float image must hold finite values in [0, 1]")
         a = np.round(a.astype(np.float64) * 255.0).astype(np.uint8)
     elif a.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 or float array, got {a.dtype}")
+        raise InputError(f"expected a uint8 or float array, got {a.dtype}")
     try:
         return decode_pil(Image.fromarray(np.ascontiguousarray(a)), size, resize)
     except ImageRefused as e:
-        raise ValueError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bonefrac import BonefracError, InputError
 from bonefrac.data.io import (
     DISPLAY_MAX_SIDE,
     OUT_OF_MEMORY,
@@ -77,7 +78,7 @@ _BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
          "from bonefrac.data.isolation import worker_main; sys.exit(worker_main(sys.argv[2:]))")
 
 
-class _Failed(Exception):
+class _Failed(BonefracError):
     """A decode that ended without a reply; ``reason`` names why, for the file's error row."""
 
     def __init__(self, reason: str, retry: bool = False):
@@ -333,7 +334,7 @@ class DecodePool:
                  memory_bytes: int = DEFAULT_MEMORY, decoder: str = DEFAULT_DECODER,
                  max_requests: int = DEFAULT_MAX_REQUESTS, quiet: bool = True):
         if timeout_s <= 0 or memory_bytes < 2**27 or max_requests < 1:
-            raise ValueError("timeout_s must be > 0, memory_bytes >= 128 MiB, "
+            raise InputError("timeout_s must be > 0, memory_bytes >= 128 MiB, "
                              "max_requests >= 1")
         self.workers = max(1, workers or len(os.sched_getaffinity(0)))
         self.timeout_s, self.memory_bytes = float(timeout_s), int(memory_bytes)

@@ -6,6 +6,8 @@ them back made the two modules a cycle. Both now import this module, which impor
 
 from __future__ import annotations
 
+from bonefrac import BonefracError
+
 # A radiograph is at most a few tens of megapixels; anything bigger is refused, not decoded.
 MAX_PIXELS = 64_000_000
 # Smaller than any radiograph worth classifying (icons, placeholders, 1x1 tracking pixels).
@@ -13,7 +15,7 @@ MIN_SIDE = 16
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
 
-class ImageRefused(ValueError):
+class ImageRefused(BonefracError, ValueError):
     """A readable image that is refused on purpose (too large, too small, not an image, ...).
 
     The message is the whole reason; :func:`bonefrac.data.io.load_gray` adds the file name.

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from bonefrac import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # TF-ported EfficientNet-Lite weights expect inputs in [-1, 1].
@@ -34,7 +36,7 @@ class Preprocessing:
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+            raise InputError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
 
     def to_dict(self) -> dict:
         return {"decode": f"grayscale, EXIF-oriented, bilinear {self.resize} resize",
@@ -61,7 +63,7 @@ def letterbox_rect(w: int, h: int) -> tuple[float, float, float, float]:
     """Where a ``w`` x ``h`` image lies in its letterboxed square: ``(x0, y0, x1, y1)`` as
     fractions of the square's side (the longest side fills it, the other is centred)."""
     if w <= 0 or h <= 0:
-        raise ValueError(f"image size must be positive, got {w}x{h}")
+        raise InputError(f"image size must be positive, got {w}x{h}")
     fw, fh = (1.0, h / w) if w >= h else (w / h, 1.0)
     return ((1 - fw) / 2, (1 - fh) / 2, (1 + fw) / 2, (1 + fh) / 2)
 

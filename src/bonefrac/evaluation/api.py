@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from bonefrac import InputError
 from bonefrac.data.dataset import load_index
 from bonefrac.evaluation.evaluate import evaluate_model
 from bonefrac.inference.api import Model
@@ -45,7 +46,7 @@ def evaluate(model: Model | Ensemble | str | os.PathLike | None, data: str | os.
         raise ImportError(f"bonefrac.evaluate needs the [eval] extra ({', '.join(missing)} not "
                           "installed): pip install -e '.[eval]'")
     if split not in ("train", "val", "test", "all"):
-        raise ValueError(f"split must be train, val, test or all, not {split!r}")
+        raise InputError(f"split must be train, val, test or all, not {split!r}")
     folder = model.root if isinstance(model, Model | Ensemble) else model
     if isinstance(folder, str) or folder is None:
         from bonefrac.inference.model_folder import resolve_model

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from bonefrac import InputError
 from bonefrac.data.dataset import Sample
 from bonefrac.evaluation.evaluate import decode_inputs
 from bonefrac.inference.domain import GATE_FILE, DomainGate
@@ -41,7 +42,7 @@ def collect_pooled(ens: Ensemble, samples: Sequence[Sample], desc: str, batch: i
         res = ens.member_outputs({s: g[i:i + batch] for s, g in gray.items()}, want_pooled=True)
         for name, (_, _, pooled) in res.items():
             if pooled is None:
-                raise ValueError(f"member {name} has no pooled-feature output: re-export the "
+                raise InputError(f"member {name} has no pooled-feature output: re-export the "
                                  "model with `bonefrac export` first")
             out[name].append(pooled)
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -81,7 +82,7 @@ def fit_model_gate(ens: Ensemble, train: Sequence[Sample], val: Sequence[Sample]
     ``domain_gate`` entry of ``ensemble_meta.json`` (file, sha256, threshold, how).
     ``features``: the (train, val) :func:`collect_pooled` outputs, if already computed."""
     if not train or not val:
-        raise ValueError("the domain gate needs training and validation images")
+        raise InputError("the domain gate needs training and validation images")
     feats = features or (collect_pooled(ens, train, "gate: training split"),
                          collect_pooled(ens, val, "gate: validation split"))
     gate = fit_gate(*feats, **kwargs)
@@ -114,7 +115,7 @@ def fit_folder_gate(model_dir: str | Path, index, *, backend: str = "auto",
 
     folder = ModelFolder.open(model_dir)
     if folder.is_run:
-        raise ValueError(f"{model_dir}: a training run; export it first (`bonefrac export "
+        raise InputError(f"{model_dir}: a training run; export it first (`bonefrac export "
                          f"--model {model_dir} --out DIR`) and fit the gate of DIR")
     train, val = index.split("train"), index.split("val")
     meta = folder.meta

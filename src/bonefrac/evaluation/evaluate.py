@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bonefrac import DISCLAIMER
+from bonefrac import DISCLAIMER, InputError
 from bonefrac.data.boxes import dataset_boxes
 from bonefrac.data.dataset import DatasetIndex, Sample, decode_all
 from bonefrac.evaluation import plots
@@ -127,7 +127,7 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
     res.mkdir(parents=True, exist_ok=True)
     so = collect(ens, index.split(split), desc=f"evaluating {split}")
     if len(so.y) == 0:
-        raise ValueError(f"no readable images in split {split!r} of {index.root}")
+        raise InputError(f"no readable images in split {split!r} of {index.root}")
     probs = member_probs(ens, so.logits)
     p = fuse(probs, ens.weights)
     p_raw = fuse(member_probs(ens, so.logits, calibrated=False), ens.weights)
@@ -196,7 +196,7 @@ def _compare_with(ens: Ensemble, p: np.ndarray, so: SplitOutputs, other_dir: str
     other = Ensemble.load(other_dir, backend=backend)
     oo = collect(other, so.samples, desc=f"evaluating {split} ({other.model_id})")
     if [s.rel for s in oo.samples] != [s.rel for s in so.samples]:
-        raise ValueError(f"{other_dir}: could not read the same images as {ens.model_id}")
+        raise InputError(f"{other_dir}: could not read the same images as {ens.model_id}")
     q = fuse(member_probs(other, oo.logits), other.weights)
     other_loc = None
     if boxes:
@@ -315,7 +315,7 @@ def check_subgroup_column(samples: Sequence[Sample], column: str) -> None:
     value in ``column``; cheap, so callers can check before any model runs."""
     if not any(s.attrs.get(column) for s in samples):
         cols = sorted({k for s in samples for k, v in s.attrs.items() if v})
-        raise ValueError(f"no image has a value in column {column!r} of manifest.csv/groups.csv"
+        raise InputError(f"no image has a value in column {column!r} of manifest.csv/groups.csv"
                          f" (columns with values: {', '.join(cols) or 'none'})")
 
 

@@ -9,6 +9,7 @@ import itertools
 
 import numpy as np
 
+from bonefrac import InputError
 from bonefrac.evaluation.calibration import (
     calibrated_prob,
     fit_fused_temperatures,
@@ -57,7 +58,7 @@ def fit_on_validation(y_val: np.ndarray, logits_val: dict[str, np.ndarray], *,
     equal = {n: 1.0 / len(names) for n in names}
     if fit_weights and len(names) > 1:
         if fit_weights not in ("logloss", "auc"):
-            raise ValueError("fit_weights must be 'logloss' or 'auc'")
+            raise InputError("fit_weights must be 'logloss' or 'auc'")
 
         def score(w):
             p = fuse(cal, w)

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bonefrac import InputError
 from bonefrac.inference.localise import LOC_SIZE, upsample
 
 TOLERANCE = 15 / 224  # pointing-game tolerance, fractions of width/height
@@ -136,7 +137,7 @@ def baseline_box_size(gt_boxes: Sequence[np.ndarray]) -> tuple[float, float]:
     """(width, height): the medians over all ground-truth boxes of the scored set."""
     b = np.concatenate([as_boxes(x) for x in gt_boxes]) if gt_boxes else np.zeros((0, 4))
     if len(b) == 0:
-        raise ValueError("no ground-truth boxes")
+        raise InputError("no ground-truth boxes")
     return float(np.median(b[:, 2] - b[:, 0])), float(np.median(b[:, 3] - b[:, 1]))
 
 
@@ -281,9 +282,9 @@ def localisation_metrics(peaks: np.ndarray, boxes_pred: np.ndarray, maps: np.nda
     """
     n = len(gt_boxes)
     if n == 0:
-        raise ValueError("localisation needs at least one image with a box")
+        raise InputError("localisation needs at least one image with a box")
     if any(len(as_boxes(b)) == 0 for b in gt_boxes):
-        raise ValueError("every scored image needs at least one box")
+        raise InputError("every scored image needs at least one box")
     peaks, boxes_pred = np.asarray(peaks, np.float64), np.asarray(boxes_pred, np.float64)
     centre = np.full((n, 2), 0.5)
     point = pointing_hits(peaks, gt_boxes)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bonefrac import CLASSES, DISCLAIMER, FRACTURE_MAP, __version__
+from bonefrac import CLASSES, DISCLAIMER, FRACTURE_MAP, InputError, __version__
 from bonefrac.evaluation.report import METRIC_ROWS
 from bonefrac.inference.model_folder import ModelFolder, member_heatmap
 from bonefrac.utils import write_text
@@ -103,7 +103,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from None
+        raise InputError(f"{path}: not readable JSON ({e})") from None
 
 
 def load_inputs(model_dir: str | Path, results_dir: str | Path | None = None,
@@ -126,7 +126,7 @@ def load_inputs(model_dir: str | Path, results_dir: str | Path | None = None,
         raise FileNotFoundError(f"{res / 'metrics.json'}: missing - run `bonefrac evaluate "
                                 f"--model {root}` first")
     if not isinstance(metrics, dict) or "metrics" not in metrics:
-        raise ValueError(f"{res / 'metrics.json'}: not a bonefrac metrics file (no 'metrics')")
+        raise InputError(f"{res / 'metrics.json'}: not a bonefrac metrics file (no 'metrics')")
     sfx = "_ensemble" if (res / "threshold_note_ensemble.txt").is_file() else ""
     note = res / f"threshold_note{sfx}.txt"
     comp = res / "comparison.md"

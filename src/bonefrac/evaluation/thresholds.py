@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bonefrac import InputError
 from bonefrac.evaluation.metrics import counts_at
 
 DEFAULT_POLICY = "sensitivity:0.95"
@@ -25,9 +26,9 @@ def parse_policy(policy: str) -> tuple[str, float | None]:
     if name in ("sensitivity", "specificity", "fixed") and arg:
         v = float(arg)
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"policy {policy!r}: value must lie in [0, 1]")
+            raise InputError(f"policy {policy!r}: value must lie in [0, 1]")
         return name, v
-    raise ValueError(f"unknown threshold policy {policy!r}; use youden, sensitivity:X, "
+    raise InputError(f"unknown threshold policy {policy!r}; use youden, sensitivity:X, "
                      "specificity:X or fixed:X")
 
 

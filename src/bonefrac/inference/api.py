@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bonefrac import InputError
 from bonefrac.data.io import Decoded, gray_from_array
 from bonefrac.data.isolation import decode_file
 from bonefrac.inference.domain import array_checks
@@ -167,12 +168,12 @@ class Model:
             ValueError: an array of the wrong shape or dtype, an unknown operating point.
         """
         if operating_point not in (None, *operating_point_names(self.ensemble)):
-            raise ValueError(f"unknown operating point {operating_point!r}; this model has: "
+            raise InputError(f"unknown operating point {operating_point!r}; this model has: "
                              f"{', '.join(operating_point_names(self.ensemble))}")
         single = isinstance(x, str | os.PathLike | np.ndarray)
         items = [x] if single else list(x)
         if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise InputError("batch_size must be >= 1")
         out: list[Result] = []
         for i in range(0, len(items), batch_size):
             out += self._predict_batch(items[i:i + batch_size], i, explain, operating_point,
@@ -214,7 +215,7 @@ def _decode_item(item: ImageLike, index: int, sizes: Sequence[int], resize: str 
         return f"array[{index}]", Decoded(inputs, None, w, h), \
             array_checks(item, inputs[sizes[-1]])
     if not isinstance(item, str | os.PathLike):
-        raise ValueError(f"input {index}: expected a path or a numpy array, got "
+        raise InputError(f"input {index}: expected a path or a numpy array, got "
                          f"{type(item).__name__}")
     path = Path(item)
     d = decode_file(path, sizes, display=display, resize=resize, checks=FILE_CHECKS)

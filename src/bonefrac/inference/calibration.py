@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from bonefrac import InputError
+
 
 def calibrated_prob(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """``(N, 2)`` logits -> ``(N,)`` P(fractured) after dividing the logits by ``temperature``."""
@@ -23,6 +25,6 @@ def fuse(member_probs: Mapping[str, np.ndarray], weights: Mapping[str, float]) -
     """Weighted mean of members' P(fractured): ``(N,)``. Weights must be >= 0 and sum to 1."""
     w = np.array([weights[k] for k in member_probs], dtype=np.float64)
     if (w < 0).any() or abs(w.sum() - 1.0) > 1e-6:
-        raise ValueError(f"fusion weights must be >= 0 and sum to 1, got {dict(weights)}")
+        raise InputError(f"fusion weights must be >= 0 and sum to 1, got {dict(weights)}")
     return sum(wi * np.asarray(p, np.float64) for wi, p in zip(w, member_probs.values(),
                                                                strict=True))

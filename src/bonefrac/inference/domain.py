@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from bonefrac import InputError
 from bonefrac.inference.model_folder import ModelFileError, check_file
 from bonefrac.utils import atomic_write
 
@@ -242,7 +243,7 @@ class DomainGate:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["format"]) != GATE_FORMAT:
-                    raise ValueError(f"format {z['format']} is not {GATE_FORMAT}")
+                    raise InputError(f"format {z['format']} is not {GATE_FORMAT}")
                 members = tuple(str(m) for m in z["members"])
                 info = dict(zip(map(str, z["info_keys"]), map(str, z["info_values"]),
                                 strict=True))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac import FRACTURE_MAP
+from bonefrac import FRACTURE_MAP, InputError
 from bonefrac.data.preprocess import Preprocessing
 from bonefrac.inference.calibration import calibrated_prob, fuse
 from bonefrac.inference.domain import DomainGate, load_gate
@@ -169,7 +169,7 @@ class Ensemble:
         maps = [_member_map(m, outs[m.name][1]) for m in self.members]
         if self.resize == "letterbox":
             if aspect is None:
-                raise ValueError("a letterbox model's heat maps need the images' aspect ratios")
+                raise InputError("a letterbox model's heat maps need the images' aspect ratios")
             maps = [from_letterbox(mp, np.asarray(aspect, np.float64)) for mp in maps]
         hw = max(mp.shape[1:] for mp in maps)  # members of different sizes: the finest grid
         cam = sum(m.weight * _resize_maps(mp, hw) for m, mp in zip(self.members, maps,

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonefrac import GRADCAM
+from bonefrac import GRADCAM, BonefracError
 from bonefrac.utils import sha256_file
 
 META_NAME = "ensemble_meta.json"
@@ -47,7 +47,7 @@ def resolve_model(value: str | os.PathLike | None) -> Path:
     return Path(value)
 
 
-class ModelFileError(Exception):
+class ModelFileError(BonefracError):
     """A model folder or file that is missing, tampered with or malformed."""
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonefrac import CLASSES, DISCLAIMER, __version__
+from bonefrac import CLASSES, DISCLAIMER, InputError, __version__
 from bonefrac.data.io import (
     IMAGE_SUFFIXES,
     Decoded,
@@ -120,7 +120,7 @@ def shard_index(key: str, n: int) -> int:
 def select_shard(pairs: Sequence[tuple[Path, str]], k: int, n: int) -> list[Path]:
     """The files of shard ``k`` of ``n`` (1-based ``k``), in their original order."""
     if not 1 <= k <= n:
-        raise ValueError(f"shard {k}/{n}: K must be between 1 and N")
+        raise InputError(f"shard {k}/{n}: K must be between 1 and N")
     return [f for f, key in pairs if shard_index(key, n) == k - 1]
 
 
@@ -208,7 +208,7 @@ def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
     unless ``gate`` is False (None: ``ens.gate_enabled``, off with ``--no-gate``).
     """
     if not decoded:
-        raise ValueError("no images to predict")
+        raise InputError("no images to predict")
     warnings = list(warnings) if warnings is not None else [""] * len(decoded)
     gray = {s: np.stack([d.inputs[s] for d in decoded]) for s in sorted(ens.sizes)}
     pred = ens.predict_gray(gray, explain=True,
@@ -252,7 +252,7 @@ def iter_predictions(ens: Ensemble, files: Sequence[Path], *, batch_size: int = 
     the decode pool (default: the process's, :func:`bonefrac.data.isolation.default_pool`).
     """
     if batch_size < 1:
-        raise ValueError("batch size must be >= 1")
+        raise InputError("batch size must be >= 1")
     workers = max(1, workers or default_threads())
     batches = iter([files[i:i + batch_size] for i in range(0, len(files), batch_size)])
     ex = ThreadPoolExecutor(workers, thread_name_prefix="bonefrac-predict")
@@ -348,7 +348,7 @@ def decision_threshold(ens: Ensemble, point: str | None = None) -> float:
     if point is None or point == DEFAULT_POINT:
         return float(ens.threshold)
     if point not in ens.operating_points:
-        raise ValueError(f"unknown operating point {point!r}; this model has: "
+        raise InputError(f"unknown operating point {point!r}; this model has: "
                          f"{', '.join(operating_point_names(ens))}")
     return float(ens.operating_points[point]["threshold"])
 
@@ -464,10 +464,10 @@ def read_predictions(out: str | os.PathLike) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: not found") from None
+        raise InputError(f"{path}: not found") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({e})") from None
+        raise InputError(f"{path}: unreadable ({e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or \
             not isinstance(data.get("predictions"), list):
-        raise ValueError(f"{path}: not a bonefrac predictions file ({FORMAT})")
+        raise InputError(f"{path}: not a bonefrac predictions file ({FORMAT})")
     return data

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bonefrac import BonefracError
 from bonefrac.inference.predict import (
     PredictResult,
     collect_inputs,
@@ -41,7 +42,7 @@ MODEL_KEYS = ("model_id", "model_fingerprint", "version", "threshold", "operatin
 MAX_SHOWN = 10
 
 
-class ShardError(ValueError):
+class ShardError(BonefracError, ValueError):
     """A shard specification, environment, resume or merge that cannot be used as given."""
 
 

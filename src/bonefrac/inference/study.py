@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from bonefrac import CLASSES, DISCLAIMER
+from bonefrac import CLASSES, DISCLAIMER, InputError
 from bonefrac.utils import display_path, write_json, write_text
 
 RULE = "max over images"
@@ -63,7 +63,7 @@ def aggregate(study: str, rows: Sequence[Mapping]) -> dict:
     ``threshold`` (the one behind ``decision``), ``rule``, ``model_id``, ``version``.
     """
     if not rows:
-        raise ValueError(f"study {study}: no image rows to aggregate")
+        raise InputError(f"study {study}: no image rows to aggregate")
     top = max(rows, key=lambda r: r["prob_fractured"])
     out = {"study_instance_uid": study, "n_images": len(rows),
            "prob_fractured": top["prob_fractured"], "max_file": top["file"]}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bonefrac import InputError
 from bonefrac.data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,11 +40,11 @@ def map_lite0_state_dict(src: dict[str, torch.Tensor], dst_keys: list[str],
     """
     src_items = list(src.items())
     if len(src_items) != len(dst_keys):
-        raise ValueError(f"tensor count differs: file {len(src_items)} vs timm {len(dst_keys)}")
+        raise InputError(f"tensor count differs: file {len(src_items)} vs timm {len(dst_keys)}")
     out = {}
     for (sk, sv), dk, ds in zip(src_items, dst_keys, dst_shapes, strict=True):
         if sv.shape != ds:
-            raise ValueError(f"shape mismatch: {sk} {tuple(sv.shape)} -> {dk} {tuple(ds)}")
+            raise InputError(f"shape mismatch: {sk} {tuple(sv.shape)} -> {dk} {tuple(ds)}")
         out[dk] = sv
     return out
 

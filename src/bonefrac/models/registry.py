@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from bonefrac import UnknownNameError
 from bonefrac.models.net import Backbone, FractureNet
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
@@ -37,7 +38,7 @@ def create_model(name: str, weights: str | None = "imagenet", *, hidden: int = 2
     """
     _ensure_loaded()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown architecture {name!r}; choose from {sorted(_REGISTRY)}")
+        raise UnknownNameError(f"unknown architecture {name!r}; choose from {sorted(_REGISTRY)}")
     if isinstance(weights, str) and weights.lower() == "none":
         weights = None
     backbone = _REGISTRY[name](weights=weights)

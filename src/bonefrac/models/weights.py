@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from bonefrac import InputError
+
 
 def package_file(package: str, relative: str, install_hint: str) -> Path:
     """Path of a data file inside an installed package, found without importing the package
@@ -32,7 +34,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: not a state dict")
+        raise InputError(f"{path}: not a state dict")
     return sd
 
 

@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from bonefrac import DISCLAIMER, __version__
+from bonefrac import DISCLAIMER, InputError, __version__
 from bonefrac.data.io import Decoded
 from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.heatmap import heat_layer, render_overlay
@@ -362,7 +362,7 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
     """
     if min(max_upload_bytes, max_batch_files, max_batch_bytes, workers) < 1 or queue < 0 \
             or timeout_s <= 0:
-        raise ValueError("limits must be positive (queue may be 0)")
+        raise InputError("limits must be positive (queue may be 0)")
     ens = model if isinstance(model, Ensemble) else Ensemble.load(
         model, backend=backend, threads=threads or max(1, default_threads() // workers))
     card_path = ens.root / MODEL_CARD

@@ -28,10 +28,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonefrac import BonefracError, InputError
+
 GENESIS = "0" * 64
 
 
-class AuditChainError(ValueError):
+class AuditChainError(BonefracError, ValueError):
     """A broken chain: ``str()`` names the file and line."""
 
 
@@ -61,7 +63,7 @@ class AuditLog:
     def __init__(self, path: str | os.PathLike, max_bytes: int = 64 * 2**20,
                  fsync: bool = True):
         if max_bytes < 4096:
-            raise ValueError("audit log: max_bytes must be >= 4096")
+            raise InputError("audit log: max_bytes must be >= 4096")
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.fsync = fsync

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bonefrac import BonefracError, InputError
 from bonefrac.utils import atomic_write
 
 PREFIX = "bf_"
@@ -41,7 +42,7 @@ TOKEN_RE = re.compile(rf"{PREFIX}(?P<id>[0-9a-f]{{{ID_HEX}}})_(?P<secret>[A-Za-z
 FORMAT_VERSION = 1
 
 
-class TokenFileError(ValueError):
+class TokenFileError(BonefracError, ValueError):
     """A token file that cannot be read or used, or a bad request to change it."""
 
 
@@ -123,7 +124,7 @@ class TokenStore:
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
             if doc.get("format") != "bonefrac-tokens" or doc.get("version") != FORMAT_VERSION:
-                raise ValueError("not a bonefrac token file (format/version)")
+                raise InputError("not a bonefrac token file (format/version)")
             return [TokenEntry(**e) for e in doc["tokens"]]
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

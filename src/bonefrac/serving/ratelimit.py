@@ -13,12 +13,14 @@ import math
 import time
 from collections import OrderedDict
 
+from bonefrac import InputError
+
 
 class RateLimiter:
     def __init__(self, per_minute: float, burst: int, max_keys: int = 10_000):
         """``per_minute``: sustained requests per minute per key; ``burst``: at once (>= 1)."""
         if per_minute <= 0 or burst < 1:
-            raise ValueError("rate limit: per_minute must be > 0 and burst >= 1")
+            raise InputError("rate limit: per_minute must be > 0 and burst >= 1")
         self.rate = per_minute / 60.0  # requests per second
         self.burst = float(burst)
         self.max_keys = max_keys

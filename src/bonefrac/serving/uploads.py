@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from bonefrac import BonefracError
 from bonefrac.data.io import DICOM_SUFFIXES, Decoded, ImageReadError
 from bonefrac.data.isolation import DecodePool, decode_file
 from bonefrac.inference.predict import FILE_CHECKS, PREDICT_SUFFIXES, decoded_warning
@@ -48,7 +49,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-class UploadError(Exception):
+class UploadError(BonefracError):
     """An upload refused before or during decoding: an HTTP status and a plain-words reason."""
 
     def __init__(self, status: int, reason: str):

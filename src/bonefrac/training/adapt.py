@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonefrac import InputError
 from bonefrac.data.dataset import DatasetIndex, load_index
 from bonefrac.evaluation.domain_fit import fit_folder_gate
 from bonefrac.evaluation.evaluate import evaluate_model
@@ -62,7 +63,7 @@ def _check_site(index: DatasetIndex, recalibrate_only: bool) -> None:
     for sp in need:
         labels = {s.label for s in index.split(sp)}
         if labels != {0, 1}:
-            raise ValueError(f"{index.root}: the {sp} split needs fractured and non_fractured "
+            raise InputError(f"{index.root}: the {sp} split needs fractured and non_fractured "
                              f"images (has {len(index.split(sp))} image(s), labels "
                              f"{sorted(labels)})")
 
@@ -79,11 +80,11 @@ def adapt(model: str | Path, data: str | Path, out: str | Path, *,
     t0 = time.time()
     parent = ModelFolder.open(model)
     if parent.is_run:
-        raise ValueError(f"{parent.root}: a training run, not an ensemble folder; export it "
+        raise InputError(f"{parent.root}: a training run, not an ensemble folder; export it "
                          "first (`bonefrac export`)")
     out = Path(out)
     if out.resolve() == parent.root.resolve():
-        raise ValueError(f"--out {out} is the parent model's folder; choose a new folder")
+        raise InputError(f"--out {out} is the parent model's folder; choose a new folder")
     if (out / META_NAME).exists():
         raise FileExistsError(f"{out} already holds a model; choose a new --out")
     index = load_index(data, seed=cfg.seed)

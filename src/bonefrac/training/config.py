@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bonefrac import InputError
 from bonefrac.data.preprocess import RESIZE_MODES
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY
 
@@ -143,12 +144,12 @@ class TrainConfig:
         """Refuse nonsense before any work starts, naming the option."""
         for name in ("label_smoothing", "ema"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.loc_weight < 0 or self.loc_pos_weight <= 0:
-            raise ValueError("loc_weight must be >= 0 (0 = off) and loc_pos_weight > 0, got "
+            raise InputError("loc_weight must be >= 0 (0 = off) and loc_pos_weight > 0, got "
                              f"{self.loc_weight}, {self.loc_pos_weight}")
         if self.mixup < 0:
-            raise ValueError(f"mixup must be >= 0 (0 = off), got {self.mixup}")
+            raise InputError(f"mixup must be >= 0 (0 = off), got {self.mixup}")
         if any(lr <= 0 for lr in (self.lr_frozen, self.lr_finetune, *self.soup_lrs)):
-            raise ValueError("learning rates must be > 0, got "
+            raise InputError("learning rates must be > 0, got "
                              f"{[self.lr_frozen, self.lr_finetune, *self.soup_lrs]}")

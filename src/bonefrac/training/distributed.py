@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from bonefrac import InputError
 from bonefrac.inference.runners import default_threads
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -62,14 +63,14 @@ DEVICES = ("auto", "cpu", "cuda")
 def resolve_device(name: str = "auto", local_rank: int = 0, local_world: int = 1) -> torch.device:
     """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
     if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+        raise InputError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available (no GPU, or a "
+        raise InputError("device 'cuda' was requested but CUDA is not available (no GPU, or a "
                          "CPU-only torch build); use --device cpu or auto")
     if local_world > torch.cuda.device_count():
-        raise ValueError(f"{local_world} processes on this node but only "
+        raise InputError(f"{local_world} processes on this node but only "
                          f"{torch.cuda.device_count()} GPU(s): use --nproc-per-node "
                          f"{torch.cuda.device_count()} (NCCL needs one GPU per process)")
     return torch.device("cuda", local_rank)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bonefrac import InputError
 from bonefrac.data.boxes import cell_targets, dataset_boxes, read_boxes
 from bonefrac.data.dataset import DatasetIndex, DecodedSplit, decode_all, load_index
 from bonefrac.data.preprocess import Preprocessing, boxes_to_letterbox
@@ -61,7 +62,7 @@ def class_weights(labels: np.ndarray, n_classes: int = 2) -> np.ndarray:
     """Inverse-frequency weights ``N / (K * n_c)``; a balanced set gives all ones."""
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     if (counts == 0).any():
-        raise ValueError(f"a class has no training images (counts {counts.tolist()})")
+        raise InputError(f"a class has no training images (counts {counts.tolist()})")
     return len(labels) / (n_classes * counts)
 
 
@@ -655,7 +656,7 @@ def warm_start(model: FractureNet, source: str | Path) -> Path:
     path = _member_weights(Path(source), model.arch)
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if unexpected or any(not k.startswith("loc.") for k in missing):
-        raise ValueError(f"{path}: not a {model.arch} member of this head layout (missing "
+        raise InputError(f"{path}: not a {model.arch} member of this head layout (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]})")
     print(f"warm start: {model.arch} weights from {path}"
           + (" (new fracture-map head)" if missing else ""), flush=True)
@@ -672,7 +673,7 @@ def _member_weights(source: Path, arch: str) -> Path:
     folder = ModelFolder.open(source)
     spec = next((m for m in folder.members if m["arch"] == arch), None)
     if spec is None:
-        raise ValueError(f"{source}: no {arch} member to warm-start from")
+        raise InputError(f"{source}: no {arch} member to warm-start from")
     return folder.member_file(spec, "weights")
 
 
@@ -733,7 +734,7 @@ def _start_run(data: str | Path, run: Path, cfg: TrainConfig, ctx: Dist,
                index: DatasetIndex | None, resume: bool) -> DatasetIndex:
     """Refuse what cannot work, seed, index the data and (rank 0) write ``config.json``."""
     if cfg.batch_size < ctx.world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it cannot be "
+        raise InputError(f"--batch-size {cfg.batch_size} is the global batch: it cannot be "
                          f"split over {ctx.world} processes")
     if ctx.is_main:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -759,7 +760,7 @@ def _build_model(data: str | Path, cfg: TrainConfig, ctx: Dist
     None); warm-started and resized as ``cfg`` says."""
     boxes = _training_boxes(data, cfg)
     if boxes is not None and cfg.mixup:
-        raise ValueError("--mixup cannot be combined with box supervision (use --loc-weight 0)")
+        raise InputError("--mixup cannot be combined with box supervision (use --loc-weight 0)")
     model = create_model(cfg.arch, cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout,
                          loc_head=boxes is not None)
     if cfg.init_from:

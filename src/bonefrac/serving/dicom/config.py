@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bonefrac import BonefracError
+
 AE_TITLE_MAX = 16  # PS3.5: an AE title is at most 16 characters
 
 
-class ConfigError(ValueError):
+class ConfigError(BonefracError, ValueError):
     """A node.toml that cannot be used; the message names the file and the key."""
 
 
