@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import socket
 import threading
 import time
 from pathlib import Path
 from types import ModuleType
+
+from bonefrac.testing import free_port  # noqa: F401  (the tests take it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA = ROOT / "tests" / "data"
@@ -27,13 +28,6 @@ def real_images(n: int | None = None) -> list[Path]:
     """The real radiographs in tests/data (the first ``n``, in a fixed order)."""
     files = sorted(p for p in TEST_DATA.rglob("*.jpg"))
     return files[:n] if n else files
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on (for servers the tests start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_benchmark(name: str) -> ModuleType:

@@ -1,5 +1,5 @@
-"""Hostile input at scale (tests/fuzzing.py): 1,000 seeded mutants of real radiographs and of
-pydicom's test objects in every transfer syntax, decompression bombs for each format and a
+"""Hostile input at scale (bonefrac.testing.fuzzing): 1,000 seeded mutants of real radiographs
+and of pydicom's test objects in every transfer syntax, decompression bombs for each format and a
 10,000-file folder of zero- and one-byte files, through ``bonefrac predict``, the decode pool
 and the HTTP service (``TestClient`` and a real uvicorn server on loopback at concurrency 16).
 """
@@ -16,20 +16,21 @@ import time
 from pathlib import Path
 
 import pytest
-from fuzzing import (
+from helpers import EXAMPLES, SHIPPED_ENSEMBLE, TEST_DATA, free_port
+
+from bonefrac.cli.common import EXIT_PARTIAL
+from bonefrac.data.io import ImageReadError
+from bonefrac.data.isolation import DecodePool
+from bonefrac.testing.fuzzing import (
     HealthWatch,
     bomb_files,
+    seed_files,
     wait_healthy,
     write_bombs,
     write_mutants,
     write_seeds,
     write_tiny_files,
 )
-from helpers import EXAMPLES, SHIPPED_ENSEMBLE, free_port
-
-from bonefrac.cli.common import EXIT_PARTIAL
-from bonefrac.data.io import ImageReadError
-from bonefrac.data.isolation import DecodePool
 
 N_MUTANTS = 1000
 
@@ -57,8 +58,8 @@ def check_every_input_accounted_for(folder: Path, out: Path) -> tuple[dict, dict
 @pytest.mark.slow
 def test_bonefrac_predict_over_1000_mutants(tmp_path):
     folder = tmp_path / "inputs"
-    seeds = write_seeds(folder)
-    write_mutants(folder, N_MUTANTS, seed=15)
+    seeds = write_seeds(folder, TEST_DATA)
+    write_mutants(folder, N_MUTANTS, seed_files(TEST_DATA), seed=15)
     t = time.monotonic()
     r = predict_cli(folder, tmp_path / "out")
     elapsed = time.monotonic() - t
@@ -75,7 +76,7 @@ def test_bonefrac_predict_over_1000_mutants(tmp_path):
 
 @pytest.mark.slow
 def test_bombs_are_refused_or_decoded_within_the_limits(tmp_path):
-    bombs = write_bombs(tmp_path)
+    bombs = write_bombs(tmp_path, TEST_DATA)
     assert {Path(b).suffix for b in bombs} >= {".png", ".tif", ".webp", ".jpg", ".gif", ".j2k",
                                                 ".dcm"}
     with DecodePool(2, timeout_s=2) as pool:
@@ -127,8 +128,9 @@ def post(client, path: Path, url: str = "/v1/predict"):
 
 
 def test_hostile_uploads_get_4xx_with_a_reason_never_500(client, tmp_path):
-    files = write_mutants(tmp_path / "m", 150, seed=7) + [
-        p for p in write_bombs(tmp_path / "b") if "8000" not in p.name and "7900" not in p.name]
+    bombs = write_bombs(tmp_path / "b", TEST_DATA)
+    files = write_mutants(tmp_path / "m", 150, seed_files(TEST_DATA), seed=7) + [
+        p for p in bombs if "8000" not in p.name and "7900" not in p.name]
     statuses = {}
     for p in files:
         r = post(client, p)
@@ -195,9 +197,9 @@ def test_real_server_under_mixed_hostile_load(tmp_path):
     with DecodePool(1) as pool:
         want = {Path(r["file"]).name: r["prob_fractured"] for r in predict_files(
             Ensemble.load(SHIPPED_ENSEMBLE), goods, progress=False, pool=pool).rows}
-    hostile = write_mutants(tmp_path / "m", 120, seed=99) + [
-        tmp_path / "b" / n for n in bomb_files() if "8000" not in n and "7900" not in n]
-    write_bombs(tmp_path / "b")
+    hostile = write_mutants(tmp_path / "m", 120, seed_files(TEST_DATA), seed=99) + [
+        tmp_path / "b" / n for n in bomb_files(TEST_DATA) if "8000" not in n and "7900" not in n]
+    write_bombs(tmp_path / "b", TEST_DATA)
     mix = [goods[i % len(goods)] if i % 3 == 0 else hostile[i % len(hostile)]
            for i in range(160)]
     port = free_port()

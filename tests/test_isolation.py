@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SHIPPED_ENSEMBLE, real_images
+from helpers import SHIPPED_ENSEMBLE, TEST_DATA, real_images
 
 from bonefrac.data import io as bio
 from bonefrac.data.io import ImageReadError, load_inputs
@@ -149,9 +149,9 @@ def test_a_real_decoder_abort_costs_only_its_file(tmp_path):
     makes gdcm throw a C++ exception nobody catches: std::terminate, SIGABRT, the whole
     process gone when decoded in-process. In the pool it is one error row."""
     pytest.importorskip("gdcm")
-    from fuzzing import write_mutants
+    from bonefrac.testing.fuzzing import seed_files, write_mutants
 
-    (bad,) = write_mutants(tmp_path, 1, seed=0, start=12123)
+    (bad,) = write_mutants(tmp_path, 1, seed_files(TEST_DATA), seed=0, start=12123)
     assert bad.name == "m12123_xray0_radiograph_jpeg_baseline_run.dcm"
     code = ("import sys\nfrom bonefrac.data.io import load_inputs\n"
             f"load_inputs({str(bad)!r}, (224,))\n")

@@ -1,11 +1,11 @@
 """Hostile input at scale: seeded mutants, decompression bombs and empty files through the
 decode pool, ``bonefrac predict`` and the HTTP service; prints ONE JSON object.
 
-Inputs (``tests/fuzzing.py``): the clean originals (real radiographs from the data set in every
-raster format and as DICOM in every transfer syntax pydicom encodes here, plus pydicom's test
-objects per transfer syntax), ``--mutants`` seeded mutants of them (bit flips, byte runs,
-interesting integers, truncations, spliced headers, duplicated/deleted chunks), a bomb per
-format, and a separate folder of ``--tiny`` zero- and one-byte files. Then:
+Inputs (``bonefrac.testing.fuzzing``): the clean originals (real radiographs from the data
+set in every raster format and as DICOM in every transfer syntax pydicom encodes here, plus
+pydicom's test objects per transfer syntax), ``--mutants`` seeded mutants of them (bit flips,
+byte runs, interesting integers, truncations, spliced headers, duplicated/deleted chunks), a
+bomb per format, and a separate folder of ``--tiny`` zero- and one-byte files. Then:
 
 1. ``decode``: every input through a ``DecodePool`` (one thread per worker): the outcome of each
    file (decoded, refused with a reason, decoder crashed, killed at the time limit, over the
@@ -23,8 +23,8 @@ format, and a separate folder of ``--tiny`` zero- and one-byte files. Then:
 ``crashes_of_the_run`` counts a CLI exit other than 0/3, a traceback, a server 500 or a server
 that died; ``hangs_past_limit`` files that took longer than the time limit + 2 s.
 
-    python benchmarks/fuzz_inputs.py --mutants 20000          # the issue's acceptance run
-    python benchmarks/fuzz_inputs.py --mutants 500 --serve 100 --tiny 1000   # a quick look
+    python evaluations/fuzz_inputs.py --mutants 20000          # the issue's acceptance run
+    python evaluations/fuzz_inputs.py --mutants 500 --serve 100 --tiny 1000   # a quick look
 """
 
 from __future__ import annotations
@@ -46,11 +46,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the fuzzer lives with the tests that use it
+from bonefrac.testing import free_port, fuzzing
 
-import fuzzing  # noqa: E402
-from helpers import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA = ROOT / "tests" / "data"  # the seed radiographs (fuzzing.RADIOGRAPHS)
 
 # Runs the CLI in its own process and reports its peak memory and that of its children.
 _CLI = ("import json, resource, sys\n"
@@ -226,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inputs = work / "inputs"
         log(f"writing seeds, {args.mutants} mutants and bombs to {inputs}")
-        seeds = fuzzing.seed_files()
-        originals = {p.name for p in fuzzing.write_seeds(inputs)}
-        fuzzing.write_mutants(inputs, args.mutants, seed=args.seed, seeds=seeds)
-        bombs = fuzzing.write_bombs(inputs)
+        seeds = fuzzing.seed_files(TEST_DATA)
+        originals = {p.name for p in fuzzing.write_seeds(inputs, TEST_DATA)}
+        fuzzing.write_mutants(inputs, args.mutants, seeds, seed=args.seed)
+        bombs = fuzzing.write_bombs(inputs, TEST_DATA)
         files = sorted(inputs.iterdir())
         out: dict = {"mutants": args.mutants, "seed": args.seed, "originals": len(originals),
                      "bombs": len(bombs), "inputs": len(files), "decode_timeout_s": args.timeout,

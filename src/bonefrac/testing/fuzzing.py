@@ -1,6 +1,8 @@
 """A seeded mutation fuzzer for the decoders, and the hostile files it is measured against.
 
-Used by ``tests/test_fuzz.py`` (1,000 mutants) and ``benchmarks/fuzz_inputs.py`` (20,000).
+Used by ``tests/test_fuzz.py`` (1,000 mutants) and ``evaluations/fuzz_inputs.py`` (20,000).
+The seed radiographs are read from a folder that holds :data:`RADIOGRAPHS` (the repository's
+``tests/data``), passed as ``data``.
 
 - :func:`write_seeds`: the clean originals: real radiographs from the data set (``tests/data``)
   as JPEG (baseline and progressive), PNG, 16-bit PNG, TIFF (raw, LZW, deflate), WebP (lossy,
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-TESTS = Path(__file__).resolve().parent
+# Two real radiographs (one fractured, one not), relative to the ``data`` folder.
 RADIOGRAPHS = ("fractured/image1_0_png.rf.d29cab92b154a83ca5bf7e40083673a2.jpg",
                "non_fractured/image1_1006_png.rf.b66f118e03810b7d9eb89951f328d910.jpg")
 SEED_SIDE = 320  # the seeds are radiographs scaled to this longest side: quick to decode
@@ -63,8 +65,8 @@ HEAD = 2048
 
 
 # ------------------------------------------------------------------------------------ seeds
-def _radiograph(rel: str) -> Image.Image:
-    im = Image.open(TESTS / "data" / rel).convert("L")
+def _radiograph(data: Path, rel: str) -> Image.Image:
+    im = Image.open(data / rel).convert("L")
     im.thumbnail((SEED_SIDE, SEED_SIDE))
     return im
 
@@ -149,15 +151,16 @@ def _dicom_bytes(pixels: np.ndarray, syntax=None, encapsulated=None, **attrs) ->
     return buf.getvalue()
 
 
-def seed_files() -> dict[str, bytes]:
-    """Every clean original: ``{file name: bytes}`` (names say where each comes from)."""
+def seed_files(data: Path) -> dict[str, bytes]:
+    """Every clean original, from the radiographs in ``data``: ``{file name: bytes}`` (names
+    say where each comes from)."""
     import pydicom
 
     seeds: dict[str, bytes] = {}
     for i, rel in enumerate(RADIOGRAPHS):
-        im = _radiograph(rel)
-        for name, data in {**_image_seeds(im), **_dicom_seeds(im)}.items():
-            seeds[f"xray{i}_{name}"] = data
+        im = _radiograph(data, rel)
+        for name, encoded in {**_image_seeds(im), **_dicom_seeds(im)}.items():
+            seeds[f"xray{i}_{name}"] = encoded
     folder = Path(pydicom.__file__).parent / "data" / "test_files"
     for name, _ in PYDICOM_SEEDS:
         seeds[f"pydicom_{name}"] = (folder / name).read_bytes()
@@ -171,9 +174,10 @@ def _write_all(folder: Path, files: dict[str, bytes]) -> list[Path]:
     return [folder / name for name in files]
 
 
-def write_seeds(folder: Path) -> list[Path]:
-    """The clean originals, written to ``folder``; their paths."""
-    return _write_all(folder, seed_files())
+def write_seeds(folder: Path, data: Path) -> list[Path]:
+    """The clean originals (from the radiographs in ``data``), written to ``folder``; their
+    paths."""
+    return _write_all(folder, seed_files(data))
 
 
 # --------------------------------------------------------------------------------- mutations
@@ -249,11 +253,10 @@ def mutate(data: bytes, rng: random.Random, donors: list[bytes]) -> tuple[bytes,
     return bytes(b), "+".join(ops) or "none"
 
 
-def write_mutants(folder: Path, n: int, seed: int = 0, seeds: dict[str, bytes] | None = None,
+def write_mutants(folder: Path, n: int, seeds: dict[str, bytes], seed: int = 0,
                   start: int = 0) -> list[Path]:
-    """Mutants ``start .. start + n - 1`` of the seeds, named ``mNNNNN_<seed>_<ops><suffix>``
-    (the seed's own suffix, so that folder scans take them)."""
-    seeds = seeds or seed_files()
+    """Mutants ``start .. start + n - 1`` of ``seeds`` (:func:`seed_files`), named
+    ``mNNNNN_<seed>_<ops><suffix>`` (the seed's own suffix, so that folder scans take them)."""
     names = sorted(seeds)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -377,9 +380,10 @@ def dicom_header_bomb(rows: int, cols: int, frames: int) -> bytes:
     return buf.getvalue()
 
 
-def bomb_files() -> dict[str, bytes]:
-    """Decompression bombs and absurd headers for each format: ``{file name: bytes}``."""
-    small = _radiograph(RADIOGRAPHS[0])
+def bomb_files(data: Path) -> dict[str, bytes]:
+    """Decompression bombs and absurd headers for each format (the JPEG and JPEG 2000 ones
+    built on the first radiograph in ``data``): ``{file name: bytes}``."""
+    small = _radiograph(data, RADIOGRAPHS[0])
     jpeg, j2k = _encoded(small, "JPEG"), _encoded(small, "JPEG2000", no_jp2=True)
     return {
         "bomb_png_100000x100000.png": png_bomb(100000, 100000, rows=4),
@@ -403,9 +407,10 @@ def bomb_files() -> dict[str, bytes]:
     }
 
 
-def write_bombs(folder: Path) -> list[Path]:
-    """The decompression bombs, written to ``folder``; their paths."""
-    return _write_all(folder, bomb_files())
+def write_bombs(folder: Path, data: Path) -> list[Path]:
+    """The decompression bombs (:func:`bomb_files` of ``data``), written to ``folder``; their
+    paths."""
+    return _write_all(folder, bomb_files(data))
 
 
 def wait_healthy(base: str, proc, timeout: float) -> bool:
