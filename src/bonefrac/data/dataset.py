@@ -93,11 +93,14 @@ def _read_csv(path: Path) -> dict[str, dict[str, str]]:
 
 
 def load_index(root: str | os.PathLike, *, seed: int = 0, val_frac: float = 0.1,
-               test_frac: float = 0.1, all_test: bool = False) -> DatasetIndex:
+               test_frac: float = 0.1, all_test: bool = False, regroup: bool = False
+               ) -> DatasetIndex:
     """Index ``root`` and assign every sample a split and a group.
 
     Args:
         all_test: external validation: every image goes to ``test`` (no split is made).
+        regroup: a near-duplicate group that straddles the manifest's splits is moved whole
+            into the split holding most of its images (ties: train) instead of refused.
     """
     root = Path(root)
     samples = scan_folder(root)
@@ -128,6 +131,9 @@ def load_index(root: str | os.PathLike, *, seed: int = 0, val_frac: float = 0.1,
 
     if manifest and all(s.split for s in samples):
         source = "manifest.csv"
+        if regroup:
+            moved = regroup_straddlers(samples)
+            source += f" ({moved} near-duplicate group(s) moved whole into one split)"
         check_no_group_straddles(samples)
     else:
         stratified_group_split(samples, seed=seed, val_frac=val_frac, test_frac=test_frac)
@@ -142,7 +148,28 @@ def check_no_group_straddles(samples: Sequence[Sample]) -> None:
     bad = {g: sorted(v) for g, v in splits.items() if len(v) > 1}
     if bad:
         g, v = next(iter(bad.items()))
-        raise InputError(f"{len(bad)} near-duplicate group(s) straddle splits, e.g. {g} in {v}")
+        files = [f"{s.rel} ({s.split})" for s in samples if s.group in bad]
+        raise InputError(f"{len(bad)} near-duplicate group(s) straddle splits, e.g. {g} in {v}; "
+                         f"{len(files)} file(s), first {min(5, len(files))}: "
+                         f"{', '.join(files[:5])}. Fix the manifest, or rerun with --regroup "
+                         "(bonefrac adapt) to move each group whole into one split")
+
+
+def regroup_straddlers(samples: Sequence[Sample]) -> int:
+    """Move each group found in several splits into the one holding most of its images (ties:
+    the first of train, val, test); returns how many groups moved."""
+    by_group: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_group[s.group].append(s)
+    moved = 0
+    for members in by_group.values():
+        counts = Counter(s.split for s in members)
+        if len(counts) > 1:
+            best = max(SPLITS, key=lambda sp: (counts[sp], -SPLITS.index(sp)))
+            for s in members:
+                s.split = best
+            moved += 1
+    return moved
 
 
 def stratified_group_split(samples: Sequence[Sample], *, seed: int, val_frac: float,

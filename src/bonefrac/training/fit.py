@@ -132,4 +132,6 @@ def fit_ensemble(runs: Sequence[str | Path], index: DatasetIndex, out: str | Pat
 
         export_model(out, out)
     fit_folder_gate(out, index, backend="onnx" if export_onnx else "torch")
+    if not index.split("test"):  # e.g. a site with train/val only: nothing to evaluate on
+        return {}
     return evaluate_model(out, index, split="test", compare_with=compare_with)
