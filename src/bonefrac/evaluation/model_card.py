@@ -387,6 +387,8 @@ def limitations(inp: ReportInputs) -> list[str]:
                "paediatric patients and DICOM windowing may change performance; validate "
                "externally (`bonefrac evaluate --split all`) before relying on any number.")
     out.append(gate_line(inp.meta.get("domain_gate")))
+    out += [f"Site adaptation (`bonefrac adapt`): {n}" for n in
+            (inp.meta.get("adapt") or {}).get("notes", [])]
     out += prevalence_lines(inp)
     widths = {k: num(m[k]["ci95"][1]) - num(m[k]["ci95"][0]) for k in ("sensitivity",
               "specificity", "roc_auc") if num(m[k].get("ci95", [None])[0]) is not None
