@@ -17,7 +17,7 @@ help:
 	@echo "make test-fast    - the tests not marked slow, browser or distributed (< 60 s)"
 	@echo "make lint         - ruff and import-linter"
 	@echo "make docs         - build the documentation site into site/ (mkdocs build --strict)"
-	@echo "make bench        - benchmarks (print JSON)"
+	@echo "make bench        - every performance benchmark in benchmarks/ (each prints JSON)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +41,9 @@ demo: $(VENV)/.base
 	$(BIN)/bonefrac predict examples/test_images --out inference_outputs --explain
 
 test: $(VENV)/.full
-	PYTHON=$(BIN)/python bash scripts/install_browser.sh
+	PYTHON=$(BIN)/python bash scripts/ci/install_browser.sh
 	bash scripts/install_orthanc.sh
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks evaluations experiments
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest
@@ -53,15 +53,17 @@ test-fast: $(VENV)/.full
 	$(BIN)/python -m pytest -m "not slow and not browser and not distributed"
 
 lint: $(VENV)/.full
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks evaluations experiments
 	$(BIN)/lint-imports
 
 # The documentation site: docs/ + mkdocs.yml -> site/ (git-ignored); --strict fails on any warning.
 docs: $(VENV)/.full
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
+# Every script in benchmarks/ (performance only; acceptance evaluations are in evaluations/,
+# experiments in experiments/), one after the other; the first that fails stops the run.
 bench: $(VENV)/.full
-	$(BIN)/python benchmarks/predict_throughput.py
+	set -e; for b in benchmarks/*.py; do echo "== $$b" >&2; $(BIN)/python $$b; done
 
 clean:
 	rm -rf $(VENV) inference_outputs .pytest_cache site

@@ -6,7 +6,7 @@
 # RESIZE=letterbox trains with aspect-preserving letterbox inputs instead of stretch, and
 # LOC_WEIGHT=3 weights the fracture-map loss 3 instead of 1; the run folders are named after
 # both (runs/mobilenetv2_v2_320_letterbox_loc3); give ship_v2.sh the same. Which won on
-# validation: benchmarks/recipe_sweep/README.md, round 4.
+# validation: experiments/recipe_sweep/README.md, round 4.
 set -euo pipefail
 DATA=${1:?data folder}; RUNS=${2:-runs}
 SUFFIX=${RESIZE:+_$RESIZE}${LOC_WEIGHT:+_loc$LOC_WEIGHT}

@@ -30,12 +30,19 @@ def real_images(n: int | None = None) -> list[Path]:
     return files[:n] if n else files
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/NAME.py`` as a module (the tests reuse a benchmark's own data builders)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+def load_script(rel: str) -> ModuleType:
+    """The repository's script ``rel`` (e.g. ``"evaluations/domain_gate.py"``) as a module: the
+    tests reuse an evaluation's own data builders and measurements."""
+    path = ROOT / rel
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/NAME.py`` as a module (see :func:`load_script`)."""
+    return load_script(f"benchmarks/{name}.py")
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The web page in a real browser: Debian's Chromium driven by Playwright against a real
 uvicorn server on a loopback port, with the really trained ``tiny_ensemble``.
 
-Needs ``scripts/install_browser.sh`` (apt's chromium + the playwright package; Playwright's own
+Needs ``scripts/ci/install_browser.sh`` (apt's chromium + the playwright package; Playwright's own
 browser download is not used). Set BONEFRAC_UI_SCREENSHOT=path to keep a screenshot.
 """
 
@@ -24,10 +24,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} not installed (run scripts/install_browser.sh)",
+    pytest.skip(f"{CHROMIUM} not installed (run scripts/ci/install_browser.sh)",
                 allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="playwright not installed (run scripts/install_browser.sh)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright not installed (run scripts/ci/install_browser.sh)")
 uvicorn = pytest.importorskip("uvicorn")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EXAMPLES, SHIPPED_V2, load_benchmark, real_images
+from helpers import EXAMPLES, SHIPPED_V2, load_script, real_images
 from PIL import Image
 
 from bonefrac.data.io import load_gray
@@ -38,7 +38,7 @@ def test_cheap_checks_name_each_reason(tmp_path):
     g.resize((80, 64)).save(tmp_path / "small.png")
     g.resize((900, 150)).save(tmp_path / "long.png")
     Image.new("L", (400, 400), 90).save(tmp_path / "blank.png")
-    colour = load_benchmark("domain_gate").colour_photo(src)
+    colour = load_script("evaluations/domain_gate.py").colour_photo(src)
     colour.save(tmp_path / "colour.jpg")
     assert f"minimum {MIN_SIDE} px" in _check(tmp_path / "small.png")
     assert "aspect ratio 6.0:1" in _check(tmp_path / "long.png")
@@ -71,7 +71,7 @@ def test_shipped_gate_flags_non_radiographs_not_radiographs(v2, tmp_path):
     """The benchmark's folder of non-radiographs (package material): >= 95% uncertain, each
     with its reason; the committed real radiographs: none flagged."""
     assert v2.gate is not None and v2.gate_note == ""
-    ood = load_benchmark("domain_gate").build_non_radiographs(tmp_path / "ood")
+    ood = load_script("evaluations/domain_gate.py").build_non_radiographs(tmp_path / "ood")
     res = predict_files(v2, ood, progress=False, workers=1)
     flagged = [r for r in res.rows if r["decision"] == UNCERTAIN]
     assert (len(flagged) + len(res.errors)) / len(ood) >= 0.95, \

@@ -467,7 +467,7 @@ def test_page_asks_for_the_token_once_and_keeps_it_in_the_tab(ens, tmp_path):
     refuses a wrong one, analyses with the right one, and keeps it in sessionStorage only."""
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
-        pytest.skip(f"{chromium} not installed (run scripts/install_browser.sh)")
+        pytest.skip(f"{chromium} not installed (run scripts/ci/install_browser.sh)")
     sync_api = pytest.importorskip("playwright.sync_api")
     tok = tokens(tmp_path / "tokens.json")
     cfg = SecurityConfig(token_file=tmp_path / "tokens.json")

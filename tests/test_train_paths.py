@@ -1,4 +1,4 @@
-"""Trainer paths the GPU sweep (benchmarks/recipe_sweep/v2_gpu.py) relies on: the intra-op thread
+"""Trainer paths the GPU sweep (experiments/recipe_sweep/v2_gpu.py) relies on: the intra-op thread
 count follows the process's CPU affinity (taskset, a SLURM or container cpuset), not the
 machine's core count, so pinned runs do not oversubscribe; and full fine-tuning (every block
 trainable, nothing frozen below) trains."""

@@ -26,7 +26,7 @@ from bonefrac.utils import sha256_file
 # the benchmark's non-radiographs flagged, v2 / v1 ensemble: 32 axes 72% / 9%, 64: 84% / 33%,
 # 128: 91% / 79%, 256: 93% / 86%, always 1.1% of validation (limit at its 99th percentile).
 # With the residual limit as well, 256 axes: 93% / 93% (all but the colour photos, which the
-# colour check flags). (benchmarks/domain_gate.py; looked at validation and those images only.)
+# colour check flags). (evaluations/domain_gate.py; looked at validation and those images only.)
 N_COMPONENTS = 256
 PERCENTILE = 99.5  # per limit; the two together flag 1.1% of validation (shipped models)
 

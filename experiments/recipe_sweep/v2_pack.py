@@ -8,10 +8,10 @@ fit the device tool's 64 MiB; the fp16 copy is checked against fp32 on real imag
 ``size`` adds up what a ``run`` call would send: tracked files on disk, untracked files git does
 not ignore, and the carried paths.
 
-    python benchmarks/recipe_sweep/v2_pack.py build ../shared/data/bone-fracture .gpu/v2 --zip
-    python benchmarks/recipe_sweep/v2_pack.py build ../shared/data/bone-fracture .gpu/v2smoke \
+    python experiments/recipe_sweep/v2_pack.py build ../shared/data/bone-fracture .gpu/v2 --zip
+    python experiments/recipe_sweep/v2_pack.py build ../shared/data/bone-fracture .gpu/v2smoke \
         --limit 24                                    # a small pack for the CPU smoke run
-    python benchmarks/recipe_sweep/v2_pack.py size --carry .gpu/v2    # exit 1 when over 64 MiB
+    python experiments/recipe_sweep/v2_pack.py size --carry .gpu/v2    # exit 1 when over 64 MiB
 
 ``--zip`` stores ``data/`` as one uncompressed ``data.zip`` (``v2_gpu.py`` unpacks it): ~300
 bytes per file on top of the JPEGs (a tar adds ~2 KB for these long names), and one file, should

@@ -3,7 +3,7 @@
 Writes ``PACK_DIR/pack.npz`` (224x224 grayscale JPEGs, labels) and the two offline ImageNet
 weight files as fp16 safetensors: together ~41 MB, under the device tool's 64 MiB transfer limit.
 
-    python benchmarks/recipe_sweep/make_pack.py ../shared/data/bone-fracture .gpu
+    python experiments/recipe_sweep/make_pack.py ../shared/data/bone-fracture .gpu
 """
 
 import io

@@ -4,8 +4,8 @@ Trains bonefrac's own model (``create_model``), with per-sample affine augmentat
 GPU so that a 12-epoch run takes ~20 s, and prints validation ROC-AUC per epoch. The pack holds
 train and validation only, so recipes are chosen without the test split.
 
-    python benchmarks/recipe_sweep/make_pack.py ../shared/data/bone-fracture .gpu   # here
-    ROUND=1 PACK=.gpu PYTHONPATH=src python3 benchmarks/recipe_sweep/sweep.py      # on the GPU
+    python experiments/recipe_sweep/make_pack.py ../shared/data/bone-fracture .gpu   # here
+    ROUND=1 PACK=.gpu PYTHONPATH=src python3 experiments/recipe_sweep/sweep.py      # on the GPU
 
 Results of the two rounds run for the shipped recipe (H100, 2026-11-27): round1_val.json and
 round2_val.json (per-epoch history and final validation probabilities of every run).

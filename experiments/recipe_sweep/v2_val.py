@@ -1,7 +1,7 @@
 """Validation-only comparison of models for the v2 recipe: ROC-AUC, horizontal-flip TTA, and the
 pointing game of each heat map a member can emit (its fracture map and Grad-CAM).
 
-    python benchmarks/recipe_sweep/v2_val.py --data ../shared/data/bone-fracture \
+    python experiments/recipe_sweep/v2_val.py --data ../shared/data/bone-fracture \
         MODEL_DIR [MODEL_DIR ...] > val.json
 
 Reads the VALIDATION split only (never test). Prints one JSON object per model.

@@ -4,7 +4,7 @@ Model soups (Wortsman et al., 2022): fine-tuning runs that start from the same w
 be averaged weight-for-weight into one model as good as their output average, at one model's
 inference cost. This measures it on the VALIDATION split only (the test split is never read).
 
-    python benchmarks/recipe_sweep/soup_val.py --data ../shared/data/bone-fracture \
+    python experiments/recipe_sweep/soup_val.py --data ../shared/data/bone-fracture \
         --group runs/mnv2_a runs/mnv2_b --group runs/lite0_a runs/lite0_b
 
 Each ``--group`` holds runs of one architecture. With two groups it also prints the equal-weight

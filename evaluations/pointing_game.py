@@ -1,8 +1,8 @@
 """Pointing game from a ``bonefrac predict`` output: its ``peak_x``/``peak_y`` columns against
 the data set's ``boxes.csv`` (the acceptance measure of the v2 model). Prints JSON.
 
-    bonefrac predict $(python benchmarks/pointing_game.py --data D --list test) --out /tmp/p
-    python benchmarks/pointing_game.py --data D --predictions /tmp/p
+    bonefrac predict $(python evaluations/pointing_game.py --data D --list test) --out /tmp/p
+    python evaluations/pointing_game.py --data D --predictions /tmp/p
 
 ``--list SPLIT`` prints the split's files (one per line) instead. A hit: the peak inside a
 fracture box grown by 15/224 of the image on every side (bonefrac.evaluation.localisation).

@@ -1,6 +1,6 @@
 """Input-domain gate benchmark: how often the gate flags real radiographs and non-radiographs.
 
-    python benchmarks/domain_gate.py --data ../shared/data/bone-fracture [--model ensemble ...]
+    python evaluations/domain_gate.py --data ../shared/data/bone-fracture [--model ensemble ...]
 
 For each model: the share of the canonical validation and test splits that the gate flags
 (any warning -> decision "uncertain"; aim <= 2%), and the share of a folder of non-radiographs

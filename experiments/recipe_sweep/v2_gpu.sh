@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Round 5 of the recipe sweep on a lent GPU, in one go (benchmarks/recipe_sweep/README.md):
+# Round 5 of the recipe sweep on a lent GPU, in one go (experiments/recipe_sweep/README.md):
 # the package's CUDA path (bonefrac train --device cuda, torchrun --nproc-per-node 1), then the
 # v2 sweep, each run scored on VALIDATION (the pack holds train + val only). Results in $OUT.
-#   bash benchmarks/recipe_sweep/v2_gpu.sh            # on the device machine (python3 has torch)
-#   SMOKE=1 bash benchmarks/recipe_sweep/v2_gpu.sh    # here: tiny runs on the CPU, a few minutes
+#   bash experiments/recipe_sweep/v2_gpu.sh            # on the device machine (python3 has torch)
+#   SMOKE=1 bash experiments/recipe_sweep/v2_gpu.sh    # here: tiny runs on the CPU, a few minutes
 # Knobs: BUDGET (seconds for everything, default 500), WORKERS (runs at once, default 4),
 # PACK (default .gpu/v2, or .gpu/v2smoke with SMOKE=1), WORK (run folders and caches),
 # SKIP_CHECK=1 (sweep only, e.g. for a shorter second try).
@@ -27,5 +27,5 @@ else
   NICE=()
 fi
 [ "${SKIP_CHECK:-0}" = 1 ] && ARGS+=(--skip-check)
-"${NICE[@]}" "$PY" benchmarks/recipe_sweep/v2_gpu.py --out "$OUT" "${ARGS[@]}" 2>&1 \
+"${NICE[@]}" "$PY" experiments/recipe_sweep/v2_gpu.py --out "$OUT" "${ARGS[@]}" 2>&1 \
   | tee "$OUT/console.txt"

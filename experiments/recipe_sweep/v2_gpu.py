@@ -14,9 +14,9 @@ run pinned to its share); runs sharing a feature cache (arch, size, resize, bloc
 seed) go one after another on the warm cache. No run starts that its estimated time (calibrated
 on the runs done) would carry past ``--budget``; runs still going then are stopped and recorded.
 
-    python benchmarks/recipe_sweep/v2_gpu.py --pack .gpu/v2 --out $OUT --device cuda
-    SMOKE=1 bash benchmarks/recipe_sweep/v2_gpu.sh      # the same, tiny, on this CPU
-    python benchmarks/recipe_sweep/v2_gpu.py --table round5.json    # its table again
+    python experiments/recipe_sweep/v2_gpu.py --pack .gpu/v2 --out $OUT --device cuda
+    SMOKE=1 bash experiments/recipe_sweep/v2_gpu.sh      # the same, tiny, on this CPU
+    python experiments/recipe_sweep/v2_gpu.py --table round5.json    # its table again
 
 Writes to ``--out`` (the device tool returns at most 8 files): ``round5.json`` (everything),
 ``round5_val.jsonl`` (one v2_val line per run, with its spec), ``round5_table.md``,
