@@ -39,6 +39,8 @@ COMMANDS = {
     "evaluate": ("evaluate", "evaluate a run or ensemble on a labelled folder (needs [eval])"),
     "ensemble": ("ensemble", "fit an ensemble from trained runs (needs [train])"),
     "adapt": ("adapt", "fine-tune or recalibrate a model on a new site's labelled images"),
+    "site-check": ("site_check", "how a model meets a new site's unlabelled images: gate "
+                                 "flags, distributions, advice (text + HTML)"),
     "export": ("export", "export a run or ensemble to ONNX (needs [train])"),
     "models": ("models", "list the registered architectures"),
     "report": ("report", "self-contained HTML report + MODEL_CARD.md from evaluation results"),
