@@ -89,7 +89,7 @@ def _grayscale_values(arr: np.ndarray, ds) -> tuple[np.ndarray, float, float]:
             pass  # a broken window (width 0, non-numeric): display as if there were none
     # No window: the stored range, as for 8-bit data (display values already) and as the
     # writer meant it, so the same pixels give the same P however many bits hold them. A
-    # percentile stretch changed P by up to 0.23 (benchmarks/dicom_intensity.py).
+    # percentile stretch changed P by up to 0.23 (evaluations/dicom_intensity.py).
     lo, hi = sorted(_window_output_range(ds, _effective_bits(arr, ds)))  # slope may be < 0
     return values, lo, hi
 

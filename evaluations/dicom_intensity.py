@@ -1,6 +1,6 @@
 """Does P depend on how a radiograph's pixels were stored? Prints JSON.
 
-    python benchmarks/dicom_intensity.py --data ../shared/data/bone-fracture --n 10
+    python evaluations/dicom_intensity.py --data ../shared/data/bone-fracture --n 10
 
 Each of the first ``n`` images of the canonical test split (sorted by path; or of ``--images``,
 a folder of JPEGs) is decoded once to 8-bit grayscale ``g`` and stored six ways: an 8-bit PNG
