@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from bonefrac import DISCLAIMER
-from bonefrac.cli.common import CLIError, resolve_model
+from bonefrac.cli.common import CLIError, add_model_arg, resolve_model
 from bonefrac.cli.extras import require_dicom_for
 
 
 def add_arguments(p) -> None:
     p.add_argument("site", metavar="DIR", help="a folder of the site's images (unlabelled; "
                                                "read recursively, DICOM included)")
-    p.add_argument("--model", default="ensemble",
-                   help="an ensemble folder or a shipped name (ensemble, ensemble-224)")
+    add_model_arg(p)
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="images the site is compared with (e.g. the model's own validation "
                         "images); default: the model's stored evaluation and gate statistics")
