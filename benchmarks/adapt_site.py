@@ -5,6 +5,11 @@
     # the site-shift experiment of tests/test_adapt.py: a parent trained without one body
     # region, adapted on that region's images
     python benchmarks/adapt_site.py --data ../shared/data/bone-fracture shift --out /tmp/shift
+    # the adapt recipe by cross-validation on a labelled site ONLY (its images are never a
+    # base model's training data): per fold, adapt on the other folds (80/20 train/val) and
+    # score the held-out fold; the canonical test split before / after measures forgetting
+    python benchmarks/adapt_site.py --data ../shared/data/bone-fracture cv \
+        --site ../shared/data/fracatlas-site --out /tmp/cv --folds 3 --recipes recal,ft,ft-light
 
 Site folders hold copies of the files (``fractured/``, ``non_fractured/``), a ``manifest.csv``
 with their own train/val/test split, the data set's copy groups (``groups.csv``: one image per
@@ -23,6 +28,8 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from bonefrac.utils import write_json
 
 SPLIT_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
 HUMERUS = ("3", "4")  # "humerus fracture", "humerus": absent from tests/data and its parent
@@ -148,10 +155,123 @@ def shift_experiment(data: Path, out: Path, *, size: int = 64, n_base: int = 240
             "test_auc_diff": cmp["auc_diff"]}
 
 
+# Recipes compared by `cv`: (recalibrate_only, AdaptConfig overrides).
+RECIPES = {"recal": (True, {}),
+           "ft": (False, {}),  # the default: 4 epochs, peak rate 1e-4, 4 views
+           "ft-light": (False, {"epochs": 3, "views": 2})}
+
+
+def site_folds(site: Path, k: int, seed: int = 0) -> list[list[dict]]:
+    """The site's manifest rows in ``k`` folds: whole near-duplicate groups, each label spread
+    evenly (each group goes to the fold with the fewest images of its label so far)."""
+    with open(site / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("group_id") or r["path"], []).append(r)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    folds: list[list[dict]] = [[] for _ in range(k)]
+    for g in order:
+        label = groups[g][0]["label"]
+        dest = min(range(k), key=lambda i: (sum(r["label"] == label for r in folds[i]), i))
+        folds[dest] += groups[g]
+    return folds
+
+
+def write_fold_site(site: Path, out: Path, folds: list[list[dict]], k: int) -> Path:
+    """A site folder whose test split is fold ``k``; the others are split 80/20 train/val
+    (every fifth group per label to val)."""
+    rows, seen = [], {"fractured": 0, "non_fractured": 0}
+    for i, fold in enumerate(folds):
+        for g in sorted({r.get("group_id") or r["path"] for r in fold}):
+            members = [r for r in fold if (r.get("group_id") or r["path"]) == g]
+            if i == k:
+                split = "test"
+            else:
+                seen[members[0]["label"]] += 1
+                split = "val" if seen[members[0]["label"]] % 5 == 0 else "train"
+            rows += [{**r, "split": split} for r in members]
+    for r in rows:
+        (out / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(site / r["path"], out / r["path"])
+    with open(out / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split", "group_id"])
+        w.writerows([r["path"], r["label"], r["split"], r.get("group_id", "")] for r in rows)
+    shutil.copy2(site / "groups.csv", out / "groups.csv")  # the site's own groups, no re-hash
+    return out
+
+
+def canonical_auc(model: Path | str, data: Path, out: Path) -> dict:
+    """AUC (with its bootstrap CI) on the canonical test split: the forgetting check."""
+    from bonefrac.data.dataset import load_index
+    from bonefrac.evaluation.evaluate import evaluate_model
+
+    ev = evaluate_model(model, load_index(data), split="test", out=out)
+    return {"value": ev["metrics"]["roc_auc"]["value"], "ci95": ev["metrics"]["roc_auc"]["ci95"]}
+
+
+def cv_experiment(data: Path, site: Path, out: Path, *, folds: int = 3,
+                  recipes: Sequence[str] = ("recal", "ft"), model: str = "ensemble") -> dict:
+    """Cross-validated parent (zero-shot) and adapted AUC on the site's held-out folds, per
+    recipe, and the canonical test AUC after adaptation. Results are rewritten to
+    ``out/cv_results.json`` after every run, so a cut-short experiment keeps what it measured."""
+    from bonefrac.cli.common import resolve_model
+    from bonefrac.training.adapt import AdaptConfig, adapt
+
+    parent = resolve_model(model)
+    parts = site_folds(site, folds)
+    res: dict = {"site": str(site), "folds": folds, "fold_sizes": [len(f) for f in parts],
+                 "parent_canonical_test_auc": canonical_auc(parent, data, out / "canon_parent"),
+                 "runs": []}
+    for name in recipes:  # recipe outer: a cut-short run has every fold of the first ones
+        recal, over = RECIPES[name]
+        for k in range(folds):
+            fold_site = write_fold_site(site, out / f"site_fold{k}", parts, k) \
+                if not (out / f"site_fold{k}").exists() else out / f"site_fold{k}"
+            dst = out / f"{name}_fold{k}"
+            r = adapt(parent, fold_site, dst, recalibrate_only=recal,
+                      cfg=AdaptConfig(**over))
+            cmp = r["evaluation"]["compared_with"]
+            auc = r["evaluation"]["metrics"]["roc_auc"]["value"]
+            res["runs"].append({
+                "recipe": name, "fold": k, "seconds": round(r["seconds"], 1),
+                "n_test": r["evaluation"]["n"], "site_auc_adapted": auc,
+                "site_auc_parent": auc - cmp["auc_diff"]["value"], "auc_diff": cmp["auc_diff"],
+                "errors": cmp["errors"],
+                "canonical_test_auc": canonical_auc(dst, data, out / f"canon_{name}_{k}")})
+            res["summary"] = cv_summary(res["runs"])
+            write_json(out / "cv_results.json", res)
+    return res
+
+
+def cv_summary(runs: Sequence[dict]) -> dict:
+    """Mean and sample standard deviation over folds, per recipe."""
+    import numpy as np
+
+    out = {}
+    for name in dict.fromkeys(r["recipe"] for r in runs):
+        rs = [r for r in runs if r["recipe"] == name]
+        out[name] = {"n_folds": len(rs)}
+        for key, get in (("site_auc_parent", lambda r: r["site_auc_parent"]),
+                         ("site_auc_adapted", lambda r: r["site_auc_adapted"]),
+                         ("site_auc_diff", lambda r: r["auc_diff"]["value"]),
+                         ("canonical_test_auc", lambda r: r["canonical_test_auc"]["value"]),
+                         ("minutes", lambda r: r["seconds"] / 60)):
+            v = np.array([get(r) for r in rs], float)
+            out[name][key] = {"mean": round(float(v.mean()), 4),
+                              "sd": round(float(v.std(ddof=1)), 4) if v.size > 1 else None}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="the bone-fracture data set")
-    ap.add_argument("mode", choices=("timing", "shift"))
+    ap.add_argument("mode", choices=("timing", "shift", "cv"))
+    ap.add_argument("--site", help="cv: the labelled site folder (e.g. fracatlas-site)")
+    ap.add_argument("--folds", type=int, default=3, help="cv: folds")
+    ap.add_argument("--recipes", default="recal,ft", help=f"cv: of {', '.join(RECIPES)}")
     ap.add_argument("--out", required=True, help="work folder (new)")
     ap.add_argument("--model", default="ensemble", help="timing: the parent model")
     ap.add_argument("--n", type=int, default=300, help="timing: site images")
@@ -159,6 +279,11 @@ def main(argv=None) -> int:
     data, out = Path(args.data), Path(args.out)
     if args.mode == "shift":
         print(json.dumps(shift_experiment(data, out), indent=2))
+        return 0
+    if args.mode == "cv":
+        res = cv_experiment(data, Path(args.site), out, folds=args.folds,
+                            recipes=args.recipes.split(","), model=args.model)
+        print(json.dumps(res["summary"], indent=2))
         return 0
     from bonefrac.training.adapt import adapt
 
