@@ -13,9 +13,10 @@ reconnecting. Two runs:
 - ``kill_restart``: the node is SIGKILLed once ``--kill-at`` of the instances are acknowledged,
   restarted over the same spool 1 s later, and the senders carry on.
 
-Each run checks that every acknowledged instance has its Secondary Capture and is in an SR at
-the destination (``lost`` = acknowledged instances without both), and that the spool ends with
-nothing pending, in the outbox, dead-lettered or failed. Prints ONE JSON object on stdout
+Each run checks that every acknowledged instance has its Secondary Capture and its GSPS and is
+in an SR at the destination (``lost`` = acknowledged instances without all three), that no
+result object arrived twice (``duplicates``), and that the spool ends with nothing pending, in
+the outbox, dead-lettered or failed. Prints ONE JSON object on stdout
 (progress on stderr); exit 0 when both runs lose nothing and deliver everything, else 1.
 
     python benchmarks/dicom_node_load.py                         # 500 instances, 4 associations
@@ -45,13 +46,13 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     ComprehensiveSRStorage,
     DigitalXRayImageStorageForPresentation,
+    GrayscaleSoftcopyPresentationStateStorage,
     SecondaryCaptureImageStorage,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from bonefrac.testing import free_port
 
-from helpers import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 IMAGES = sorted((ROOT / "tests" / "data").rglob("*.jpg"))
 DX = DigitalXRayImageStorageForPresentation
@@ -89,16 +90,19 @@ def make_instances(folder: Path, n: int, per_study: int) -> list[list[Path]]:
 
 
 class Receiver:
-    """The destination: records which source instances have an SC and are in an SR."""
+    """The destination: records which source instances have an SC and a GSPS and are in an
+    SR, and how often each result object arrived."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.sc_sources: set[str] = set()
         self.sr_sources: set[str] = set()
+        self.pr_sources: set[str] = set()
         self.objects: set[str] = set()
         self.received = 0
         ae = AE(ae_title="RESULTS")
-        for uid in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        for uid in (ComprehensiveSRStorage, SecondaryCaptureImageStorage,
+                    GrayscaleSoftcopyPresentationStateStorage):
             ae.add_supported_context(uid)
         ae.maximum_associations = 8
         self.server = ae.start_server(("127.0.0.1", 0), block=False,
@@ -112,6 +116,9 @@ class Receiver:
             self.objects.add(ds.SOPInstanceUID)
             if ds.SOPClassUID == SecondaryCaptureImageStorage:
                 self.sc_sources.add(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+            elif ds.SOPClassUID == GrayscaleSoftcopyPresentationStateStorage:
+                series = ds.ReferencedSeriesSequence[0]
+                self.pr_sources.add(series.ReferencedImageSequence[0].ReferencedSOPInstanceUID)
             else:
                 for study in ds.CurrentRequestedProcedureEvidenceSequence:
                     for series in study.ReferencedSeriesSequence:
@@ -121,7 +128,7 @@ class Receiver:
 
     def delivered(self, uids: set[str]) -> set[str]:
         with self.lock:
-            return uids & self.sc_sources & self.sr_sources
+            return uids & self.sc_sources & self.sr_sources & self.pr_sources
 
 
 class Senders:
@@ -250,6 +257,7 @@ def one_run(work: Path, studies: list[list[Path]], args, kill_at: float | None) 
             "end_to_end_instances_per_s": round(len(uids) / e2e, 2),
             "results_received": receiver.received,
             "distinct_result_objects": len(receiver.objects),
+            "duplicates": receiver.received - len(receiver.objects),
             "lost": len(acked - delivered), "delivered_all": delivered == uids,
             "send_failures_seen_by_senders": senders.failures,
             "killed_after_acknowledged": killed, "spool_at_end": spool_state(spool)}

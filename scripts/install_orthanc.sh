@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Installs what tests/test_dicom_node.py needs: Debian's Orthanc (a real PACS; the test starts
-# its own instance with its own config, never the system service) and dcmtk (dsrdump,
-# storescu). Idempotent: skips what is already there.
+# Installs what tests/test_dicom_node.py and tests/test_dicom_results.py need: Debian's Orthanc
+# (a real PACS; the tests start their own instances with their own config, never the system
+# service) with its DICOMweb plugin (orthanc-dicomweb: STOW-RS, QIDO-RS, WADO-RS), dcmtk
+# (dsrdump, dcmpschk, storescu) and dicom3tools (dciodvfy, the IOD validator).
+# Idempotent: skips what is already there.
 set -euo pipefail
 
-if [ ! -x /usr/sbin/Orthanc ] || ! command -v dsrdump >/dev/null; then
+have_all() {
+    [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] &&
+        command -v dsrdump >/dev/null && command -v dcmpschk >/dev/null &&
+        command -v dciodvfy >/dev/null
+}
+
+if ! have_all; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update
@@ -18,6 +26,7 @@ if [ ! -x /usr/sbin/Orthanc ] || ! command -v dsrdump >/dev/null; then
         CREATED=1
     fi
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
-        orthanc dcmtk || { [ -n "$CREATED" ] && $SUDO rm -f "$NOSTART"; exit 1; }
+        orthanc orthanc-dicomweb dcmtk dicom3tools ||
+        { [ -n "$CREATED" ] && $SUDO rm -f "$NOSTART"; exit 1; }
     if [ -n "$CREATED" ]; then $SUDO rm -f "$NOSTART"; fi
 fi

@@ -1,17 +1,20 @@
-"""The DICOM node against real peers: a real Orthanc (Debian's package, started here with its own
-config, ports and storage) and pynetdicom peers on loopback, with real radiographs from
-tests/data converted to DX DICOM.
+"""The DICOM node against real peers: real Orthancs (Debian's package with its DICOMweb plugin,
+started here with their own config, ports and storage) and pynetdicom peers on loopback, with
+real radiographs from tests/data converted to DX DICOM; every result object checked by
+dicom3tools' dciodvfy (and the GSPS by dcmtk's dcmpschk).
 
-Needs ``scripts/install_orthanc.sh`` (orthanc + dcmtk) for the Orthanc round trip; without it
-that test is skipped, except under CI (CI=true), where it fails.
+Needs ``scripts/install_orthanc.sh`` (orthanc, orthanc-dicomweb, dcmtk, dicom3tools); without
+it the tests that need them are skipped, except under CI (CI=true), where they fail.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import (  # noqa: E402
     ComprehensiveSRStorage,
     DigitalXRayImageStorageForPresentation,
+    GrayscaleSoftcopyPresentationStateStorage,
     SecondaryCaptureImageStorage,
     Verification,
 )
@@ -45,10 +49,54 @@ from bonefrac.inference.model_folder import resolve_model  # noqa: E402
 from bonefrac.inference.study import RULE, aggregate, study_rows  # noqa: E402
 from bonefrac.serving.dicom.config import ConfigError, load_config, parse_config  # noqa: E402
 from bonefrac.serving.dicom.node import DicomNode  # noqa: E402
+from bonefrac.serving.dicom.results import shown_boxes  # noqa: E402
 
 DX = DigitalXRayImageStorageForPresentation
+SR, SC = ComprehensiveSRStorage, SecondaryCaptureImageStorage
+PR = GrayscaleSoftcopyPresentationStateStorage
 ORTHANC = Path("/usr/sbin/Orthanc")
-DSRDUMP = shutil.which("dsrdump")
+DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+TOOLS = {n: shutil.which(n) for n in ("dsrdump", "dciodvfy", "dcmpschk")}
+DSRDUMP = TOOLS["dsrdump"]
+
+
+def need(what: dict[str, bool]) -> None:
+    """Skip (fail under CI) unless every tool in ``what`` is there."""
+    missing = ", ".join(n for n, ok in what.items() if not ok)
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} not installed: scripts/install_orthanc.sh must run first")
+        pytest.skip(f"{missing} not installed (run scripts/install_orthanc.sh)")
+
+
+def need_validators() -> None:
+    need({"dicom3tools": TOOLS["dciodvfy"], "dcmtk": TOOLS["dcmpschk"]})
+
+
+def validation_errors(ds: Dataset, folder: Path) -> list[str]:
+    """dciodvfy's "Error" lines for ``ds`` (written to ``folder``), and dcmpschk's errors
+    when it is a GSPS; [] when both accept it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    out = subprocess.run([TOOLS["dciodvfy"], str(path)], capture_output=True, text=True)
+    errors = [line for line in (out.stdout + out.stderr).splitlines()
+              if line.startswith("Error")]
+    if ds.SOPClassUID == PR:
+        ps = subprocess.run([TOOLS["dcmpschk"], str(path)], capture_output=True, text=True)
+        text = ps.stdout + ps.stderr
+        if ps.returncode != 0 or "Test passed" not in text:
+            errors.append(f"dcmpschk: {text.strip()[-500:]}")
+    return errors
+
+
+def warnings_of(ds: Dataset, folder: Path) -> set[str]:
+    """dciodvfy's distinct "Warning" lines for ``ds`` (for the documentation)."""
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    out = subprocess.run([TOOLS["dciodvfy"], str(path)], capture_output=True, text=True)
+    return {line for line in (out.stdout + out.stderr).splitlines()
+            if line.startswith("Warning")}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -98,7 +146,7 @@ class Receiver:
     def __init__(self, ae_title: str = "RESULTS"):
         self.ae_title, self.received, self.lock = ae_title, [], threading.Lock()
         ae = AE(ae_title=ae_title)
-        for uid in (ComprehensiveSRStorage, SecondaryCaptureImageStorage, Verification):
+        for uid in (SR, SC, PR, Verification):
             ae.add_supported_context(uid)
         self.server = ae.start_server(("127.0.0.1", 0), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
@@ -160,22 +208,68 @@ def echo(port: int, aet: str = "SENDER", tls_args=None) -> bool:
     return ok
 
 
-def sr_probabilities(sr: Dataset) -> dict[str, float]:
-    """{referenced source SOP Instance UID: P(fracture)} from the per-image groups of an SR."""
-    out = {}
+def _name(item: Dataset) -> str:
+    return item.ConceptNameCodeSequence[0].CodeMeaning
+
+
+def sr_content(sr: Dataset) -> tuple[dict[str, float], dict[str, list], float]:
+    """From an SR: {source SOP Instance UID: P(fracture)} of the per-image groups, {source
+    UID: [(score, (5, 2) polyline)] of its box groups, in order}, and the study P."""
+    probs, boxes, study = {}, {}, None
     for container in sr.ContentSequence:
-        if container.ConceptNameCodeSequence[0].CodeMeaning != "Imaging Measurements":
+        if _name(container) != "Imaging Measurements":
             continue
         for group in container.ContentSequence:
             items = group.ContentSequence
-            probs = [float(i.MeasuredValueSequence[0].NumericValue) for i in items
-                     if i.ValueType == "NUM"
-                     and i.ConceptNameCodeSequence[0].CodeMeaning == "Probability"]
-            refs = [i.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                    for i in items if i.ValueType == "SCOORD"]
-            if refs:  # the study group has no region
-                out[refs[0]] = probs[0]
-    return out
+            nums = {_name(i): float(i.MeasuredValueSequence[0].NumericValue) for i in items
+                    if i.ValueType == "NUM"}
+            regions = [i for i in items if i.ValueType == "SCOORD"]
+            images = [i for i in items if i.ValueType == "IMAGE"]
+            if regions:
+                ref = regions[0].ContentSequence[0].ReferencedSOPSequence[0]
+                boxes.setdefault(ref.ReferencedSOPInstanceUID, []).append(
+                    (nums["Fracture box score"],
+                     np.asarray(regions[0].GraphicData).reshape(-1, 2)))
+            elif len(images) == 1:
+                uid = images[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                probs[uid] = nums["Probability"]
+            else:
+                study = nums["Probability"]
+    return probs, boxes, study
+
+
+def sr_probabilities(sr: Dataset) -> dict[str, float]:
+    """{referenced source SOP Instance UID: P(fracture)} from the per-image groups of an SR."""
+    return sr_content(sr)[0]
+
+
+def check_results(received: list[Dataset], files: list[Path], rows: dict[str, dict],
+                  box_threshold: float, folder: Path) -> None:
+    """The results of one study as the node sends them: one SR, SC and GSPS per image, in
+    the source study; the SR's probabilities those of ``rows`` (``bonefrac predict``), its
+    boxes the shown ones, which each image's GSPS draws; dciodvfy/dcmpschk accept them all."""
+    by_class = {c: [d for d in received if d.SOPClassUID == c] for c in (SR, SC, PR)}
+    assert [len(by_class[c]) for c in (SR, SC, PR)] == [1, len(files), len(files)]
+    study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    probs, boxes, _ = sr_content(by_class[SR][0])
+    assert probs == {k: r["prob_fractured"] for k, r in rows.items()}
+    for pr in by_class[PR]:
+        assert pr.StudyInstanceUID == study_uid and "RESEARCH USE ONLY" in pr.SeriesDescription
+        source = pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+        uid = source.ReferencedSOPInstanceUID
+        shown = shown_boxes(rows[uid], box_threshold)
+        drawn = [np.asarray(g.GraphicData).reshape(-1, 2)
+                 for a in pr.GraphicAnnotationSequence for g in a.get("GraphicObjectSequence", [])]
+        texts = [t.UnformattedTextValue for a in pr.GraphicAnnotationSequence
+                 for t in a.TextObjectSequence]
+        assert [s for s, _ in boxes.get(uid, [])] == [b["score"] for b in shown]
+        assert len(drawn) == len(shown) and all(
+            np.allclose(d, g) for d, (_, g) in zip(drawn, boxes.get(uid, []), strict=True))
+        assert texts[0].startswith("RESEARCH USE ONLY") and texts[1:] == [
+            f"#{b['rank']} {b['score']:.2f}" for b in shown]
+        assert pr.GraphicLayerSequence[0].GraphicLayer == "BONEFRAC"
+    for ds in received:
+        assert validation_errors(ds, folder) == [], ds.SOPClassUID.name
 
 
 def predicted(files: list[Path], out: Path) -> dict[str, dict]:
@@ -255,6 +349,35 @@ def test_config_refuses_unknown_keys_and_bad_values(tmp_path):
         load_config(tmp_path / "bad.toml")
 
 
+def test_config_destinations_stowrs_and_results(tmp_path):
+    (tmp_path / "token").write_text("abc\n")
+    (tmp_path / "pair").write_text("user:pw")
+    base = {"spool": "s", "allowed_callers": {"PACS": ["10.0.0.5"]}}
+
+    def dest(**d):
+        return parse_config({**base, "destinations": [d]}, tmp_path).destinations[0]
+
+    d = dest(url="https://pacs:8443/dicom-web/", token_file="token", results=["sr", "gsps"])
+    assert (d.url, d.token_file, d.results) == ("https://pacs:8443/dicom-web",
+                                                tmp_path / "token", ("sr", "gsps"))
+    assert d.name.startswith("stowrs@pacs_8443_") and "/" not in d.name
+    plain = dest(ae_title="PACS", host="10.0.0.5", port=104)
+    assert plain.results == ("sr", "sc", "gsps") and plain.name == "PACS@10.0.0.5_104"
+    for bad, word in [({"url": "ftp://x"}, "not an http"),
+                      ({"url": "http://x", "port": 1}, "do not apply"),
+                      ({"url": "http://x", "token_file": "none"}, "token_file: .*cannot read"),
+                      ({"url": "http://x", "basic_auth_file": "token"}, "user:password"),
+                      ({"url": "http://x", "token_file": "token", "basic_auth_file": "pair"},
+                       "not both"),
+                      ({"ae_title": "P", "host": "h", "port": 1, "token_file": "token"},
+                       "need a STOW-RS"),
+                      ({"url": "http://x", "results": ["sr", "pdf"]}, "results"),
+                      ({"url": "http://x", "results": []}, "results"),
+                      ({"host": "h"}, "lacks ae_title, port")]:
+        with pytest.raises(ConfigError, match=word):
+            dest(**bad)
+
+
 def test_predict_by_study(tmp_path):
     a = make_study(tmp_path / "in" / "a", 2)
     b = make_study(tmp_path / "in" / "b", 1, offset=2)
@@ -284,15 +407,16 @@ def test_node_predicts_a_study_and_delivers_sr_and_captures(make_node, receiver,
     assert echo(node.port)
     assert send(node.port, files) == [0, 0]
     assert send(node.port, files[:1]) == [0]  # a repeated instance: acknowledged, no change
-    wait_for(lambda: len(receiver.of_class(SecondaryCaptureImageStorage)) == 2
-             and receiver.of_class(ComprehensiveSRStorage), 60, "the results")
-    sr = receiver.of_class(ComprehensiveSRStorage)[0]
+    need_validators()
+    wait_for(lambda: len(receiver.of_class(SC)) == 2 and len(receiver.of_class(PR)) == 2
+             and receiver.of_class(SR), 60, "the results")
     want = predicted(files, tmp_path / "pred")
-    assert sr_probabilities(sr) == {k: r["prob_fractured"] for k, r in want.items()}
+    check_results(receiver.received, files, want, getattr(node.ens, "box_threshold", 0.0),
+                  tmp_path / "check")
     study_uid = dcmread(files[0]).StudyInstanceUID
     for ds in receiver.received:
         assert ds.StudyInstanceUID == study_uid and "RESEARCH USE ONLY" in ds.SeriesDescription
-    sc = receiver.of_class(SecondaryCaptureImageStorage)[0]
+    sc = receiver.of_class(SC)[0]
     assert sc.BurnedInAnnotation == "YES" and sc.pixel_array.shape[2] == 3
     done = json.loads((tmp_path / "spool" / "done" / f"{study_uid}.json").read_text())
     assert len(done["sop_instance_uids"]) == 2 and len(done["batches"]) == 1
@@ -328,7 +452,7 @@ def test_node_rejects_unknown_callers_and_refuses_bad_data(make_node, receiver, 
     assert reason["calling_ae"] == "SENDER" and "pixel" in reason["reason"].lower()
     assert (tmp_path / "spool" / "quarantine" / f"{broken.SOPInstanceUID}.dcm").is_file()
     assert echo(node.port)  # still up
-    wait_for(lambda: receiver.of_class(ComprehensiveSRStorage), 60, "the good image's SR")
+    wait_for(lambda: receiver.of_class(SR), 60, "the good image's SR")
 
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")
@@ -365,36 +489,109 @@ def test_restart_finishes_the_spool_and_dead_letters_what_cannot_be_sent(
     try:
         dead = tmp_path / "spool" / "dead-letter"
         wait_for(lambda: list(dead.glob("*/*/reason.json")), 60, "the dead letter")
-        assert len(list(dead.glob("*/*/*.dcm"))) == 2  # SR + 1 capture, kept
+        assert len(list(dead.glob("*/*/*.dcm"))) == 3  # SR, capture, GSPS: kept
         assert second.spool.pending() == 0
     finally:
         second.stop()
 
 
 # --------------------------------------------------------------------- the real PACS
-def _orthanc_missing() -> str:
-    missing = [n for n, ok in (("orthanc", ORTHANC.exists()), ("dcmtk", DSRDUMP)) if not ok]
-    return ", ".join(missing)
+class NodeProcess:
+    """``python -m bonefrac dicom-node --config CONFIG`` in a subprocess, logging to ``log``;
+    returns once it listens."""
+
+    def __init__(self, config: Path, log: Path):
+        self.log = log
+        with open(log, "wb") as f:  # the child keeps its own handle
+            self.proc = subprocess.Popen([sys.executable, "-m", "bonefrac", "dicom-node",
+                                          "--config", str(config)], stdout=f,
+                                         stderr=subprocess.STDOUT)
+        wait_for(lambda: b"listening" in log.read_bytes() or self.proc.poll() is not None,
+                 120, "the node")
+        assert self.proc.poll() is None, log.read_text()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_after_acknowledging_a_study_results_arrive_once_each(receiver, tmp_path):
+    """A pynetdicom SCP as the destination gets the SR, each SC and each GSPS exactly once
+    although the node was SIGKILLed right after acknowledging the study and restarted."""
+    files = make_study(tmp_path / "in", 2)
+    port = free_port()
+    config = node_config(tmp_path, receiver.port, port=port, settle=2)
+    node = NodeProcess(config, tmp_path / "node-1.log")
+    assert send(port, files) == [0, 0]
+    node.kill()  # acknowledged; settle_seconds not over, so nothing processed or sent
+    assert len(list((tmp_path / "spool" / "incoming").glob("*/*/*.dcm"))) == 2
+    assert receiver.received == []
+    node = NodeProcess(config, tmp_path / "node-2.log")
+    try:
+        wait_for(lambda: len(receiver.received) >= 5, 120, "the results")
+        wait_for(lambda: not any((tmp_path / "spool" / "outbox").glob("*/*/*.dcm")), 30,
+                 "an empty outbox")
+        time.sleep(1.0)  # two sender polls: a resend would have arrived by now
+        uids = [str(d.SOPInstanceUID) for d in receiver.received]
+        assert len(uids) == len(set(uids)) == 5
+        assert sorted(str(d.SOPClassUID) for d in receiver.received) == sorted(
+            [SR, SC, SC, PR, PR])
+    finally:
+        node.stop()
+
+
+BEARER_FILTER = """function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  return httpHeaders['authorization'] == 'Bearer %s'
+end
+"""
 
 
 class Orthanc:
-    """A private Orthanc: own config, storage folder and free ports on loopback."""
+    """A private Orthanc: own config, storage folder and free ports on loopback. ``node_port``:
+    the node as its DICOM modality "bonefrac"; ``dicomweb``: with the DICOMweb plugin;
+    ``user``: (name, password) of basic auth; ``bearer``: a token every HTTP request must
+    carry (checked by a Lua filter)."""
 
-    def __init__(self, folder: Path, node_port: int, aet: str = "ORTHANC"):
+    def __init__(self, folder: Path, node_port: int | None = None, aet: str = "ORTHANC",
+                 dicomweb: bool = False, user: tuple[str, str] | None = None,
+                 bearer: str | None = None):
         self.http, self.dicom, self.aet = free_port(), free_port(), aet
         folder.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "bonefrac-test", "StorageDirectory": str(folder / "storage"),
             "IndexDirectory": str(folder / "storage"), "HttpPort": self.http,
             "DicomPort": self.dicom, "DicomAet": aet, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "Plugins": [], "DicomCheckCalledAet": False,
-            "DicomModalities": {"bonefrac": ["BONEFRAC", "127.0.0.1", node_port]},
-            "DicomScuTimeout": 30, "HttpTimeout": 60}
+            "AuthenticationEnabled": user is not None, "Plugins": [],
+            "DicomCheckCalledAet": False, "DicomScuTimeout": 30, "HttpTimeout": 60,
+            "DicomModalities": ({"bonefrac": ["BONEFRAC", "127.0.0.1", node_port]}
+                                if node_port else {})}
+        self.headers = {}
+        if dicomweb:
+            config.update(Plugins=[str(DICOMWEB)],
+                          DicomWeb={"Enable": True, "Root": "/dicom-web/"})
+        if user:
+            config["RegisteredUsers"] = {user[0]: user[1]}
+            pair = base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {pair}"
+        if bearer:
+            (folder / "bearer.lua").write_text(BEARER_FILTER % bearer)
+            config["LuaScripts"] = [str(folder / "bearer.lua")]
+            self.headers["Authorization"] = f"Bearer {bearer}"
         (folder / "orthanc.json").write_text(json.dumps(config))
         with open(folder / "orthanc.log", "wb") as log:  # the child keeps its own handle
             self.proc = subprocess.Popen([str(ORTHANC), str(folder / "orthanc.json")],
                                          stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: self._alive(), 30, "Orthanc's REST API")
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.http}/dicom-web"
 
     def _alive(self) -> bool:
         assert self.proc.poll() is None, "Orthanc exited; see orthanc.log"
@@ -403,15 +600,32 @@ class Orthanc:
         except OSError:
             return False
 
-    def request(self, path: str, data: bytes | None = None, method: str | None = None):
+    def request(self, path: str, data: bytes | None = None, method: str | None = None,
+                accept: str | None = None, raw: bool = False):
+        """The reply's body: parsed JSON when it is JSON (unless ``raw``), else bytes."""
+        headers = {**self.headers, **({"Accept": accept} if accept else {})}
         req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data,
-                                     method=method)
+                                     method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=60) as r:
-            body = r.read()
-        return json.loads(body) if body[:1] in (b"{", b"[") else body
+            body, self.content_type = r.read(), r.headers.get("Content-Type", "")
+        return json.loads(body) if body[:1] in (b"{", b"[") and not raw else body
 
     def get(self, path: str):
         return self.request(path)
+
+    def qido(self, study: str) -> list[dict]:
+        """QIDO-RS: the study's instances as DICOM JSON (tags as keys)."""
+        return self.request(f"/dicom-web/studies/{study}/instances",
+                            accept="application/dicom+json")
+
+    def wado(self, study: str, series: str, sop: str) -> Dataset:
+        """WADO-RS: one instance, from its multipart/related reply."""
+        body = self.request(f"/dicom-web/studies/{study}/series/{series}/instances/{sop}",
+                            accept='multipart/related; type="application/dicom"', raw=True)
+        boundary = self.content_type.split("boundary=")[1].split(";")[0].strip('"')
+        parts = [p for p in body.split(b"--" + boundary.encode())[1:-1]]
+        assert len(parts) == 1, f"{len(parts)} parts for one instance"
+        return dcmread(io.BytesIO(parts[0].split(b"\r\n\r\n", 1)[1][:-2]))
 
     def stop(self):
         self.proc.terminate()
@@ -421,54 +635,79 @@ class Orthanc:
             self.proc.kill()
 
 
+def need_orthanc() -> None:
+    need({"orthanc": ORTHANC.exists(), "orthanc-dicomweb": DICOMWEB.exists(),
+          "dcmtk": DSRDUMP and TOOLS["dcmpschk"], "dicom3tools": TOOLS["dciodvfy"]})
+
+
+def instances_of(qido: list[dict]) -> dict[str, tuple[str, str]]:
+    """{SOP Instance UID: (SOP Class UID, Series Instance UID)} from a QIDO-RS reply."""
+    return {i["00080018"]["Value"][0]: (i["00080016"]["Value"][0], i["0020000E"]["Value"][0])
+            for i in qido}
+
+
 @pytest.mark.slow
-def test_orthanc_round_trip(tmp_path):
-    """Upload to Orthanc over REST, Orthanc C-STOREs the study to `bonefrac dicom-node`, the
-    SR and captures arrive back in Orthanc in the same study, the SR's probabilities are those
-    of `bonefrac predict`, and dcmtk's dsrdump reads the SR."""
-    missing = _orthanc_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} not installed: scripts/install_orthanc.sh must run first")
-        pytest.skip(f"{missing} not installed (run scripts/install_orthanc.sh)")
+def test_orthanc_round_trip_and_stow_rs(tmp_path):
+    """Upload to Orthanc over REST, Orthanc C-STOREs the study to `bonefrac dicom-node`; the
+    SR, captures and presentation states arrive back in Orthanc in the same study (the SR's
+    probabilities those of `bonefrac predict`, dciodvfy/dcmpschk accept every object, dcmtk's
+    dsrdump reads the SR); the same objects reach a second Orthanc by STOW-RS with basic auth,
+    and a third with a bearer token (there ``results = ["sr", "gsps"]``), read back through
+    QIDO-RS and WADO-RS."""
+    need_orthanc()
     files = make_study(tmp_path / "in", 2)
+    study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     node_port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", node_port)
-    config = node_config(tmp_path, orthanc.dicom, dest_aet="ORTHANC", port=node_port,
-                         settle=1)
-    with open(tmp_path / "node.log", "wb") as log:
-        node = subprocess.Popen([sys.executable, "-m", "bonefrac", "dicom-node", "--config",
-                                 str(config)], stdout=log, stderr=subprocess.STDOUT)
+    pacs = Orthanc(tmp_path / "orthanc", node_port)
+    basic = Orthanc(tmp_path / "stow-basic", dicomweb=True, user=("bonefrac", "s3cret:x"))
+    bearer = Orthanc(tmp_path / "stow-bearer", dicomweb=True, bearer="t0ken-123")
+    (tmp_path / "basic.txt").write_text("bonefrac:s3cret:x\n")
+    (tmp_path / "token.txt").write_text("t0ken-123\n")
+    tail = (f'[[destinations]]\nurl = "{basic.dicomweb}"\nbasic_auth_file = "basic.txt"\n'
+            f'[[destinations]]\nurl = "{bearer.dicomweb}/"\ntoken_file = "token.txt"\n'
+            'results = ["gsps", "sr"]\n')
+    config = node_config(tmp_path, pacs.dicom, dest_aet="ORTHANC", port=node_port, settle=1,
+                         tail=tail)
+    node = NodeProcess(config, tmp_path / "node.log")
     try:
-        wait_for(lambda: b"listening" in (tmp_path / "node.log").read_bytes()
-                 or node.poll() is not None, 60, "the node")
-        assert node.poll() is None, (tmp_path / "node.log").read_text()
-        assert orthanc.request("/modalities/bonefrac/echo", b"{}", "POST") is not None
+        assert pacs.request("/modalities/bonefrac/echo", b"{}", "POST") is not None
         study = None
         for f in files:
-            study = orthanc.request("/instances", f.read_bytes(), "POST")["ParentStudy"]
-        orthanc.request("/modalities/bonefrac/store", study.encode(), "POST")
+            study = pacs.request("/instances", f.read_bytes(), "POST")["ParentStudy"]
+        pacs.request("/modalities/bonefrac/store", study.encode(), "POST")
 
         def series_by_modality():
             found = {}
-            for s in orthanc.get(f"/studies/{study}/series"):
+            for s in pacs.get(f"/studies/{study}/series"):
                 found[s["MainDicomTags"].get("Modality")] = s["Instances"]
-            return found if len(found.get("OT", [])) == 2 and found.get("SR") else None
+            done = [len(found.get(m, [])) for m in ("OT", "PR", "SR")] == [2, 2, 1]
+            return found if done else None
 
-        series = wait_for(series_by_modality, 90, "the SR and SC series in Orthanc", 0.5)
-        sr_bytes = orthanc.get(f"/instances/{series['SR'][0]}/file")
-        (tmp_path / "sr.dcm").write_bytes(sr_bytes)
-        sr = dcmread(tmp_path / "sr.dcm")
-        assert sr.StudyInstanceUID == dcmread(files[0]).StudyInstanceUID
+        series = wait_for(series_by_modality, 120, "the SR, SC and PR series in Orthanc", 0.5)
+        results = {}
+        for m in ("SR", "OT", "PR"):
+            for i in series[m]:
+                ds = dcmread(io.BytesIO(pacs.get(f"/instances/{i}/file")))
+                results[str(ds.SOPInstanceUID)] = ds
+        assert all(d.StudyInstanceUID == study_uid for d in results.values())
         want = predicted(files, tmp_path / "pred")
-        assert sr_probabilities(sr) == {k: r["prob_fractured"] for k, r in want.items()}
-        sc = dcmread(io.BytesIO(orthanc.get(f"/instances/{series['OT'][0]}/file")))
-        assert "RESEARCH USE ONLY" in sc.ImageComments
+        check_results(list(results.values()), files, want, 0.0, tmp_path / "check")
+        sr = next(d for d in results.values() if d.SOPClassUID == SR)
+        sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
         dump = subprocess.run([DSRDUMP, "-Ee", str(tmp_path / "sr.dcm")], capture_output=True,
                               text=True)
         assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
         assert "Imaging Measurement Report" in dump.stdout and "RESEARCH USE ONLY" in dump.stdout
+        # STOW-RS destinations: the same objects (only SR + GSPS where configured so)
+        wanted = {u for u, d in results.items() if d.SOPClassUID in (SR, PR)}
+        for server, uids in ((basic, set(results)), (bearer, wanted)):
+            found = wait_for(lambda s=server, u=uids: (lambda f: f if set(f) == u else None)(
+                instances_of(s.qido(study_uid))), 60, "the STOW-RS results", 0.5)
+            for uid, (_, series_uid) in found.items():
+                assert server.wado(study_uid, series_uid, uid) == results[uid]
     finally:
-        node.terminate()
-        node.wait(timeout=30)
-        orthanc.stop()
+        node.stop()
+        for server in (pacs, basic, bearer):
+            server.stop()
+    log = (tmp_path / "node.log").read_text()
+    assert "Traceback" not in log and " ERROR " not in log and "(attempt" not in log, log

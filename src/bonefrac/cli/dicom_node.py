@@ -1,6 +1,6 @@
 """``bonefrac dicom-node``: a DICOM node that a PACS sends studies to and that sends results
-back (needs the [dicom-node] extra). Runs until SIGINT/SIGTERM; what it acknowledged stays in
-its spool, so a restarted node finishes it."""
+(SR, Secondary Captures, GSPS) back by C-STORE or STOW-RS (needs the [dicom-node] extra). Runs
+until SIGINT/SIGTERM; what it acknowledged stays in its spool, so a restarted node finishes it."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from bonefrac.cli.extras import require_extra
 def add_arguments(p) -> None:
     p.add_argument("--config", required=True, metavar="NODE_TOML",
                    help="the node's TOML file: ae_title, host, port, allowed_callers, "
-                        "destinations, model, settle_seconds, spool, optional [tls] "
-                        "(README, 'DICOM node')")
+                        "destinations (C-STORE or STOW-RS url, results), model, "
+                        "settle_seconds, spool, optional [tls] (docs/deployment/dicom-node.md)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="log verbosity (stderr)")

@@ -13,17 +13,24 @@ one line naming the key. Example (README, "DICOM node")::
     [allowed_callers]            # calling AE title -> addresses (IPs or networks) it may use
     ORTHANC = ["10.0.0.5"]
 
-    [[destinations]]             # where results (SR + Secondary Captures) are sent
-    ae_title = "ORTHANC"
+    [[destinations]]             # where results (SR, Secondary Captures, GSPS) are sent
+    ae_title = "ORTHANC"         # by C-STORE
     host = "10.0.0.5"
     port = 4242
+    results = ["sr", "sc", "gsps"]   # the default: all three
+
+    [[destinations]]             # by DICOMweb STOW-RS: POST {url}/studies
+    url = "https://pacs.example.org/dicom-web"
+    token_file = "/etc/bonefrac/pacs.token"   # or basic_auth_file (one line user:password)
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,8 @@ from typing import Any
 from bonefrac import BonefracError
 
 AE_TITLE_MAX = 16  # PS3.5: an AE title is at most 16 characters
+# What a destination can receive: the SR, the Secondary Captures, the presentation states.
+RESULT_KINDS = ("sr", "sc", "gsps")
 
 
 class ConfigError(BonefracError, ValueError):
@@ -39,16 +48,25 @@ class ConfigError(BonefracError, ValueError):
 
 @dataclass(frozen=True)
 class Destination:
-    """A peer AE that receives the results by C-STORE."""
+    """Where results go: a peer AE by C-STORE (``ae_title``, ``host``, ``port``), or a
+    DICOMweb server by STOW-RS (``url``, its base: the node POSTs to ``{url}/studies``)."""
 
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: bool = False  # reach it over TLS (verified against [tls] ca, else the system CAs)
+    url: str = ""
+    token_file: Path | None = None  # STOW-RS: "Authorization: Bearer <the file's text>"
+    basic_auth_file: Path | None = None  # STOW-RS: one line user:password
+    results: tuple[str, ...] = RESULT_KINDS
 
     @property
     def name(self) -> str:
         """The outbox folder name of this destination."""
+        if self.url:
+            parts = urllib.parse.urlsplit(self.url)
+            digest = hashlib.sha1(self.url.encode()).hexdigest()[:8]
+            return f"stowrs@{parts.hostname}_{parts.port or parts.scheme}_{digest}"
         return f"{self.ae_title}@{self.host}_{self.port}"
 
 
@@ -130,7 +148,7 @@ def parse_config(raw: dict[str, Any], base: Path, where: str = "config") -> Node
     return NodeConfig(
         spool=_path(raw["spool"], base, "spool", where),
         allowed_callers=_callers(raw.get("allowed_callers"), where),
-        destinations=_destinations(raw.get("destinations"), where),
+        destinations=_destinations(raw.get("destinations"), base, where),
         ae_title=_ae_title(raw.get("ae_title", "BONEFRAC"), "ae_title", where),
         host=_str(raw.get("host", "127.0.0.1"), "host", where),
         port=port,
@@ -166,22 +184,81 @@ def _callers(value: Any, where: str) -> dict[str, tuple]:
     return out
 
 
-def _destinations(value: Any, where: str) -> tuple[Destination, ...]:
+def _destinations(value: Any, base: Path, where: str) -> tuple[Destination, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: at least one [[destinations]] table (ae_title, host, "
                           "port) is required: where the results go")
-    return tuple(_destination(d, i, where) for i, d in enumerate(value))
+    return tuple(_destination(d, i, base, where) for i, d in enumerate(value))
 
 
-def _destination(value: Any, i: int, where: str) -> Destination:
-    d = _table(value, f"destinations[{i}]", {"ae_title", "host", "port", "tls"}, where)
+_DIMSE_KEYS, _STOW_KEYS = {"ae_title", "host", "port", "tls"}, {"url", "token_file",
+                                                                 "basic_auth_file"}
+
+
+def _destination(value: Any, i: int, base: Path, where: str) -> Destination:
+    key = f"destinations[{i}]"
+    d = _table(value, key, _DIMSE_KEYS | _STOW_KEYS | {"results"}, where)
+    results = _results(d.get("results", list(RESULT_KINDS)), f"{key}.results", where)
+    if "url" in d:
+        return _stow_destination(d, key, results, base, where)
     missing = [k for k in ("ae_title", "host", "port") if k not in d]
     if missing:
-        raise ConfigError(f"{where}: destinations[{i}] lacks {', '.join(missing)}")
-    return Destination(_ae_title(d["ae_title"], f"destinations[{i}].ae_title", where),
-                       _str(d["host"], f"destinations[{i}].host", where),
-                       _int(d["port"], f"destinations[{i}].port", where, 1, 65535),
-                       _bool(d.get("tls", False), f"destinations[{i}].tls", where))
+        raise ConfigError(f"{where}: {key} lacks {', '.join(missing)} (or a STOW-RS `url`)")
+    stray = sorted(set(d) & (_STOW_KEYS - {"url"}))
+    if stray:
+        raise ConfigError(f"{where}: {key}: {', '.join(stray)} need a STOW-RS `url`")
+    return Destination(_ae_title(d["ae_title"], f"{key}.ae_title", where),
+                       _str(d["host"], f"{key}.host", where),
+                       _int(d["port"], f"{key}.port", where, 1, 65535),
+                       _bool(d.get("tls", False), f"{key}.tls", where), results=results)
+
+
+def _stow_destination(d: dict, key: str, results: tuple[str, ...], base: Path,
+                      where: str) -> Destination:
+    url = _str(d["url"], f"{key}.url", where).rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {key}.url {url!r} is not an http(s) URL")
+    stray = sorted(set(d) & _DIMSE_KEYS)
+    if stray:
+        raise ConfigError(f"{where}: {key}: {', '.join(stray)} do not apply to a STOW-RS "
+                          "`url` destination")
+    if "token_file" in d and "basic_auth_file" in d:
+        raise ConfigError(f"{where}: {key}: token_file or basic_auth_file, not both")
+    files = {k: _path(d[k], base, f"{key}.{k}", where)
+             for k in ("token_file", "basic_auth_file") if k in d}
+    for k, p in files.items():
+        try:
+            read_secret(p, basic=k == "basic_auth_file")
+        except ValueError as e:
+            raise ConfigError(f"{where}: {key}.{k}: {e}") from None
+    return Destination(url=url, results=results, **files)
+
+
+def read_secret(path: Path, basic: bool = False) -> str:
+    """The credential in ``path``: its text without surrounding white space. ``basic``: it
+    must be ``user:password``. Read at each send, so a rotated file takes effect at once.
+
+    Raises:
+        ValueError: unreadable, empty, or (``basic``) without a colon; names the file.
+    """
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if not text or "\n" in text:
+        raise ValueError(f"{path}: must hold one non-empty line")
+    if basic and ":" not in text:
+        raise ValueError(f"{path}: must hold user:password")
+    return text
+
+
+def _results(value: Any, key: str, where: str) -> tuple[str, ...]:
+    if (not isinstance(value, list) or not value or len(set(value)) != len(value)
+            or not set(value) <= set(RESULT_KINDS)):
+        raise ConfigError(f"{where}: `{key}` must list some of {', '.join(RESULT_KINDS)}, "
+                          f"each once; got {value!r}")
+    return tuple(k for k in RESULT_KINDS if k in value)
 
 
 def _tls(value: Any, base: Path, where: str) -> TLSConfig | None:

@@ -10,8 +10,9 @@
   and is kept in ``quarantine/`` with the reason.
 - **Studies**: when a study has received nothing for ``settle_seconds``, its images go through
   ``predict_files`` exactly as ``bonefrac predict --explain`` would, are aggregated
-  (:mod:`bonefrac.inference.study`), and the SR and Secondary Captures (:mod:`.results`) go to
-  the outbox, which :class:`.sender.Sender` drains into the destinations.
+  (:mod:`bonefrac.inference.study`), and the SR, Secondary Captures (:mod:`.results`) and
+  presentation states (:mod:`.presentation`) go to the outbox, which :class:`.sender.Sender`
+  drains into the destinations (each gets the kinds its ``results`` lists).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from bonefrac.inference.ensemble import Ensemble
 from bonefrac.inference.predict import _decode, model_info, predict_files
 from bonefrac.inference.study import aggregate
 from bonefrac.serving.dicom.config import NodeConfig
+from bonefrac.serving.dicom.presentation import build_gsps, has_own_window
 from bonefrac.serving.dicom.results import ModelIdentity, build_sc, build_sr
 from bonefrac.serving.dicom.sender import Sender
 from bonefrac.serving.dicom.spool import Batch, Spool, receive, valid_uid
@@ -241,24 +243,44 @@ class DicomNode:
         res = predict_files(self.ens, files, explain=True,
                             heatmap_dir=batch.folder / ".heatmaps", progress=False,
                             workers=self.workers)
-        headers = {display_path(f): dcmread(f, stop_before_pixels=True) for f in files}
+        paths = {display_path(f): f for f in files}
+        headers = {k: dcmread(f, stop_before_pixels=True) for k, f in paths.items()}
         sources = [headers[r["file"]] for r in res.rows]
         for e in res.errors:
             LOG.warning("study %s: %s: %s", batch.study, e["file"], e["reason"])
         record = {"errors": res.errors}
         if res.rows:
             study = aggregate(batch.study, res.rows)
-            objects = [build_sr(res.rows, sources, study, self.model)]
-            objects += [build_sc(Path(r["heatmap"]), s, self.model, i)
-                        for i, (r, s) in enumerate(zip(res.rows, sources, strict=True))
-                        if r.get("heatmap")]
+            objects = self.results(res.rows, [paths[r["file"]] for r in res.rows], sources,
+                                   study)
             self.sender.put(batch.study, objects)
             self._log(batch, res.rows, sources, study)
-            record.update(sr=objects[0].SOPInstanceUID, n_results=len(objects))
+            record.update(results=[str(o.SOPInstanceUID) for o in objects])
         self.spool.finish(batch, [h.SOPInstanceUID for h in headers.values()], **record)
         self.stats["studies"] += 1
         LOG.info("study %s: %d image(s) predicted, %d failed", batch.study, len(res.rows),
                  len(res.errors))
+
+    def results(self, rows: list[dict], files: list[Path], sources: list[Dataset],
+                study: dict) -> list[Dataset]:
+        """The result objects some destination wants: the SR, one Secondary Capture per
+        image with an overlay, one GSPS per image. ``sources[i]``: the header of
+        ``files[i]``, whose row is ``rows[i]``."""
+        wanted = {k for d in self.config.destinations for k in d.results}
+        box_threshold = float(getattr(self.ens, "box_threshold", 0.0))
+        triples = list(enumerate(zip(rows, sources, strict=True)))
+        objects = []
+        if "sr" in wanted:
+            objects.append(build_sr(rows, sources, study, self.model, box_threshold))
+        if "sc" in wanted:
+            objects += [build_sc(Path(r["heatmap"]), s, self.model, i)
+                        for i, (r, s) in triples if r.get("heatmap")]
+        if "gsps" in wanted:  # grayscale images only (a colour one has no GSPS); pixels
+            # only where the window must be worked out from them
+            objects += [build_gsps(r, s if has_own_window(s) else dcmread(files[i]),
+                                   self.model, i, box_threshold)
+                        for i, (r, s) in triples if s.get("SamplesPerPixel", 1) == 1]
+        return objects
 
     def _log(self, batch: Batch, rows: list[dict], sources: list[Dataset], study: dict) -> None:
         """The rows, with their UIDs (and patient name/ID only when configured), to

@@ -1,15 +1,19 @@
 """Results as DICOM objects, built with highdicom: one Structured Report per study batch and
-one Secondary Capture per image, in the source study, in two new series.
+one Secondary Capture per image, in the source study, in two new series (the presentation
+states: :mod:`.presentation`).
 
-- **SR** (Comprehensive SR holding a TID 1500 Measurement Report): one TID 1410 planar ROI group
-  per image, whose region is the model's box as a closed POLYLINE in the source image's pixel
-  coordinates (column, row; (0, 0) is the top-left corner of the top-left pixel, so a fraction
-  ``f`` of the width is ``f * Columns``), with P(fracture) (DCM 122157 "Probability", unit
-  "no units", the ``prob_fractured`` of ``bonefrac predict``), the map's peak score, and the
-  decision (Yes/No) at the default and every named operating point; one TID 1501 group with the
-  study result (:mod:`bonefrac.inference.study`); the model id and version as TID 4019
-  Algorithm Identification; the research-use disclaimer as TEXT under TID 1500's
-  "Qualitative Evaluations" container and in the series description.
+- **SR** (Comprehensive SR holding a TID 1500 Measurement Report): per image one TID 1501 group
+  referencing it, with P(fracture) (DCM 122157 "Probability", unit "no units", the
+  ``prob_fractured`` of ``bonefrac predict``) and the decision (Yes/No/Unknown) at the default
+  and every named operating point; then one TID 1410 planar ROI group per shown box
+  (:func:`shown_boxes`: the model's boxes at or above its box threshold, none on an image not
+  decided fractured) whose region is the box as a closed POLYLINE SCOORD in the source image's
+  pixel coordinates (column, row; (0, 0) is the top-left corner of the top-left pixel, so a
+  fraction ``f`` of the width is ``f * Columns``), with the box's score (99BONEFRAC BF004) and
+  "image N box R" (R = rank) as its tracking identifier; one TID 1501 group with the study
+  result (:mod:`bonefrac.inference.study`); the model id and version as TID 4019 Algorithm
+  Identification; the research-use disclaimer as TEXT under TID 1500's "Qualitative
+  Evaluations" container and in the series description.
 - **Secondary Capture**: the heat-map overlay of ``bonefrac predict --explain`` (map, box, peak,
   colour bar, caption) with a "RESEARCH USE ONLY - NOT FOR DIAGNOSIS" banner burned in on top.
 
@@ -34,6 +38,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from bonefrac import DISCLAIMER
+from bonefrac.inference.detections import COORDS, shown_detections
 
 BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
 MANUFACTURER = "bonefrac (research use only)"
@@ -41,7 +46,7 @@ SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9701, 9702
 # Codes for what no standard code says; declared in the SR's Coding Scheme Identification.
 SCHEME = "99BONEFRAC"
 FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
-PEAK_SCORE = hd.sr.CodedConcept("BF002", SCHEME, "Heat-map peak score")
+BOX_SCORE = hd.sr.CodedConcept("BF004", SCHEME, "Fracture box score")
 STUDY_RULE = hd.sr.CodedConcept("BF003", SCHEME, "Study result: maximum over images")
 POINT_ID = {"default": "BF010", "triage": "BF011", "confirmation": "BF012"}
 
@@ -84,6 +89,14 @@ def with_type2(source: Dataset) -> Dataset:
     return ds
 
 
+def copy_laterality(obj: Dataset, source: Dataset) -> None:
+    """General Series Laterality (Type 2C) of a new image or presentation series: the
+    source's (series or image laterality), else present and empty (unknown)."""
+    obj.Laterality = str(source.get("Laterality") or source.get("ImageLaterality") or "")
+    if obj.Laterality not in ("R", "L"):  # ImageLaterality's U (unpaired), B (both)
+        obj.Laterality = ""
+
+
 # ---------------------------------------------------------------------------------- the SR
 def decision_concept(point: str) -> hd.sr.CodedConcept:
     """The concept name of "fracture at operating point ``point``" (a private code; the
@@ -117,34 +130,69 @@ def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
                                          parameters=params + [f"fingerprint {model.fingerprint}"])
 
 
-def box_polyline(row: Mapping, source: Dataset) -> np.ndarray:
-    """The box (fractions ``box_x0..box_y1``) as a closed 5-point polyline, ``(5, 2)`` float32
-    (column, row) in the source image's pixel coordinates."""
+def detections_of(row: Mapping) -> list[dict]:
+    """The row's ``detections`` (:mod:`bonefrac.inference.detections`), best first.
+
+    Rows of models without a detection head made before ``detections`` was a row key (the
+    shipped v2) have only the heat-map box ``box_x0..box_y1`` / ``box_score``: that box is
+    their one detection. The only place the node reads the ``box_*`` columns."""
+    found = row.get("detections")
+    if found is not None:
+        return list(found)
+    if "box_x0" not in row:
+        return []
+    return [{"rank": 1, "score": float(row["box_score"]),
+             **{k: float(row[f"box_{k}"]) for k in COORDS}}]
+
+
+def shown_boxes(row: Mapping, box_threshold: float) -> list[dict]:
+    """The boxes the node shows and sends for ``row`` (:func:`shown_detections`)."""
+    return shown_detections({**row, "detections": detections_of(row)}, box_threshold)
+
+
+def box_polyline(box: Mapping, source: Dataset) -> np.ndarray:
+    """A detection (fractions ``x0..y1``, clipped to the image) as a closed 5-point polyline,
+    ``(5, 2)`` float32 (column, row) in the source image's pixel coordinates."""
     w, h = float(source.Columns), float(source.Rows)
-    x0, y0, x1, y1 = (float(row[k]) for k in ("box_x0", "box_y0", "box_x1", "box_y1"))
+    x0, y0, x1, y1 = (min(1.0, max(0.0, float(box[k]))) for k in COORDS)
     pts = [(x0 * w, y0 * h), (x1 * w, y0 * h), (x1 * w, y1 * h), (x0 * w, y1 * h),
            (x0 * w, y0 * h)]
     return np.asarray(pts, dtype=np.float32)
 
 
-def image_group(row: Mapping, source: Dataset, model: ModelIdentity, index: int
-                ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 for one image: the box region, P(fracture), peak score, decisions."""
+def box_tracking_uid(source: Dataset, rank: int, model: ModelIdentity) -> str:
+    """The tracking UID of box ``rank`` of ``source``: the same in the SR and the GSPS."""
+    return result_uid(f"roi-{rank}", [source.SOPInstanceUID], model)
+
+
+def box_group(box: Mapping, source: Dataset, model: ModelIdentity, index: int
+              ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for one shown box of image ``index``: its region (SCOORD) and score."""
     region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(row, source),
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box, source),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source))
-    algo = _algorithm(model)
-    measurements = [
-        hd.sr.Measurement(name=codes.DCM.Probability, value=float(row["prob_fractured"]),
-                          unit=codes.UCUM.NoUnits),
-        hd.sr.Measurement(name=PEAK_SCORE, value=float(row["box_score"]),
-                          unit=codes.UCUM.NoUnits)]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=result_uid("roi", [source.SOPInstanceUID], model),
-            identifier=f"image {index + 1} box"),
-        referenced_region=region, finding_type=FRACTURE, algorithm_id=algo,
-        measurements=measurements, qualitative_evaluations=_decisions(row, model))
+            uid=box_tracking_uid(source, int(box["rank"]), model),
+            identifier=f"image {index + 1} box {box['rank']}"),
+        referenced_region=region, finding_type=FRACTURE, algorithm_id=_algorithm(model),
+        measurements=[hd.sr.Measurement(name=BOX_SCORE, value=float(box["score"]),
+                                        unit=codes.UCUM.NoUnits)])
+
+
+def image_group(row: Mapping, source: Dataset, model: ModelIdentity, index: int
+                ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for one image: P(fracture) and the decisions, referencing the image."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("image", [source.SOPInstanceUID], model),
+            identifier=f"image {index + 1}"),
+        finding_type=FRACTURE, algorithm_id=_algorithm(model),
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability,
+                                        value=float(row["prob_fractured"]),
+                                        unit=codes.UCUM.NoUnits)],
+        qualitative_evaluations=_decisions(row, model),
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
 def study_group(study: Mapping, sources: Sequence[Dataset], model: ModelIdentity
@@ -166,9 +214,11 @@ def study_group(study: Mapping, sources: Sequence[Dataset], model: ModelIdentity
 
 
 def build_sr(rows: Sequence[Mapping], sources: Sequence[Dataset], study: Mapping,
-             model: ModelIdentity) -> hd.sr.ComprehensiveSR:
+             model: ModelIdentity, box_threshold: float = 0.0) -> hd.sr.ComprehensiveSR:
     """The study's SR. ``rows[i]`` is the prediction row of ``sources[i]`` (a dataset read
-    without pixel data is enough); ``study`` its study row."""
+    without pixel data is enough); ``study`` its study row. Per image one TID 1501 group
+    (P(fracture), decisions) and one TID 1410 group per shown box (:func:`shown_boxes`);
+    then the study's TID 1501 group."""
     sources = [with_type2(s) for s in sources]
     uids = [s.SOPInstanceUID for s in sources]
     device = hd.sr.ObserverContext(
@@ -176,8 +226,10 @@ def build_sr(rows: Sequence[Mapping], sources: Sequence[Dataset], study: Mapping
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=result_uid("device", [model.model_id], model), name="bonefrac",
             manufacturer_name=MANUFACTURER, model_name=model.model_id[:64]))
-    groups = [image_group(r, s, model, i)
-              for i, (r, s) in enumerate(zip(rows, sources, strict=True))]
+    groups = []
+    for i, (r, s) in enumerate(zip(rows, sources, strict=True)):
+        groups.append(image_group(r, s, model, i))
+        groups += [box_group(b, s, model, i) for b in shown_boxes(r, box_threshold)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=hd.sr.CodedConcept("363680008", "SCT", "Radiographic imaging"),
@@ -259,6 +311,7 @@ def build_sc(overlay_png: Path, source: Dataset, model: ModelIdentity, index: in
     if len(orientation) != 2:  # Type 2: empty when unknown, rather than a made-up direction
         sc.PatientOrientation = ""
     sc.BurnedInAnnotation = "YES"
+    copy_laterality(sc, source)
     ref = Dataset()  # the image this capture was derived from (PS3.3 C.7.6.1.1.4)
     ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = (source.SOPClassUID,
                                                                source.SOPInstanceUID)

@@ -1,4 +1,4 @@
-"""Sending results by C-STORE, with retries and a dead-letter folder.
+"""Sending results by C-STORE or STOW-RS (:mod:`.stow`), with retries and a dead-letter folder.
 
 Results are first written, atomically, to ``outbox/<destination>/<study>/<sop>.dcm``; the
 sender thread sends each study folder in one association, deletes each file its destination
@@ -6,7 +6,8 @@ acknowledged (success or warning status) and retries the rest after ``retry_seco
 (k = attempts so far, capped at 5 minutes). After ``retries`` further failed attempts the
 folder moves to ``dead-letter/<destination>/<study>/`` with ``reason.json``. Attempts are
 counted in ``<study>/.attempts.json``, so a restart neither forgets nor resets them, and a
-restarted node sends whatever its outbox still holds.
+restarted node sends whatever its outbox still holds. Each destination gets the kinds of
+result its ``results`` lists (SR, Secondary Captures, GSPS: :func:`result_kind`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,22 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from bonefrac.serving.dicom.config import Destination, NodeConfig
+from bonefrac.serving.dicom.stow import stow
 from bonefrac.utils import atomic_write, write_json
 
 LOG = logging.getLogger("bonefrac.dicom_node")
 ATTEMPTS = ".attempts.json"
 MAX_DELAY = 300.0
-RESULT_CLASSES = (ComprehensiveSRStorage, SecondaryCaptureImageStorage)
+KIND_OF_CLASS = {ComprehensiveSRStorage: "sr", SecondaryCaptureImageStorage: "sc",
+                 GrayscaleSoftcopyPresentationStateStorage: "gsps"}
+RESULT_CLASSES = tuple(KIND_OF_CLASS)
 SENT_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # explicit / implicit VR LE
 
 
@@ -49,10 +57,11 @@ class Sender:
         self._lock = threading.Lock()
 
     def put(self, study: str, objects: list[Dataset]) -> None:
-        """Queue ``objects`` for every destination: one file each, written atomically."""
+        """Queue ``objects`` for every destination whose ``results`` want their kind: one
+        file each, written atomically."""
         with self._lock:
             for dest in self.config.destinations:
-                for ds in objects:
+                for ds in (d for d in objects if result_kind(d) in dest.results):
                     path = self.outbox / dest.name / study / f"{ds.SOPInstanceUID}.dcm"
                     with atomic_write(path, "wb") as f:
                         ds.save_as(f, enforce_file_format=True)
@@ -108,6 +117,18 @@ class Sender:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _send(self, dest: Destination, files: list[Path]) -> str:
+        """Send ``files`` (STOW-RS or C-STORE); delete each one the destination stored. ''
+        when all were, else the first error."""
+        if dest.url:
+            stored, error = stow(dest, files, self._https(dest))
+            for f in files:
+                if f.stem in stored:
+                    f.unlink()
+                    self.delivered += 1
+            return error
+        return self._c_store(dest, files)
+
+    def _c_store(self, dest: Destination, files: list[Path]) -> str:
         """C-STORE ``files`` in one association; delete each acknowledged one. '' when all
         were, else the first error."""
         assoc = self.ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
@@ -134,14 +155,26 @@ class Sender:
 
     def _tls(self, dest: Destination):
         """``(context, server name)`` for a ``tls = true`` destination, else None."""
-        if not dest.tls:
-            return None
+        return (self._client_context(), dest.host) if dest.tls else None
+
+    def _https(self, dest: Destination) -> ssl.SSLContext | None:
+        """The context for an https STOW-RS URL, else None."""
+        return self._client_context() if dest.url.startswith("https:") else None
+
+    def _client_context(self) -> ssl.SSLContext:
+        """Verifies the server against [tls] ca (else the system CAs); the node's certificate
+        is the client certificate when [tls] has one."""
         tls = self.config.tls
         ctx = ssl.create_default_context(
             ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls and tls.ca else None)
         if tls is not None:
             ctx.load_cert_chain(str(tls.cert), str(tls.key))
-        return ctx, dest.host
+        return ctx
+
+
+def result_kind(ds: Dataset) -> str:
+    """"sr", "sc" or "gsps" (a destination's ``results``) for a result dataset."""
+    return KIND_OF_CLASS[str(ds.SOPClassUID)]
 
 
 def _attempts(folder: Path) -> dict:
