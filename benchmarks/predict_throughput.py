@@ -8,7 +8,10 @@ Compares, on the same N real radiographs and in the same process:
 and reports images/s, the ratio a/b, achieved GFLOP/s (FLOPs counted from each ONNX graph's
 Conv/Gemm/MatMul nodes after shape inference, multiply-add = 2 FLOPs, batch 1) against a nominal
 peak, max |P_onnx - P_torch| over the images, and the wall-clock cold start of
-``python -m bonefrac predict ONE_IMAGE`` in fresh processes (median of 3).
+``python -m bonefrac predict ONE_IMAGE`` in fresh processes (median of ``--cold-runs``), beside
+a baseline measured in the same run, interleaved with it: a fresh ``python -c "import numpy,
+onnxruntime, PIL.Image"``, the floor any ONNX prediction pays. Their ratio moves far less
+with the machine's load than either time (``--cold-start-only`` measures just these).
 
 Prints ONE JSON object on stdout (progress goes to stderr). /proc/loadavg is recorded before and
 after: numbers taken while other jobs load the CPUs are depressed; rerun on a quiet machine.
@@ -171,27 +174,43 @@ def time_torch(model: Path, files: list[Path], *, batch: int, threads: int, repe
                                                zip(files, probs[-1], strict=True)}
 
 
-def cold_start(model: Path, image: Path, runs: int = 3) -> tuple[list[float], list[float]]:
-    """Wall and CPU (user + system) seconds of ``python -m bonefrac predict IMAGE`` in fresh
-    processes."""
+BASELINE_CMD = [sys.executable, "-c", "import numpy, onnxruntime, PIL.Image"]
+
+
+def _timed_child(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system, all its processes) seconds of one fresh process."""
     import resource
 
     def child_cpu() -> float:
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         return ru.ru_utime + ru.ru_stime
 
-    walls, cpus = [], []
+    t, c = time.perf_counter(), child_cpu()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t, child_cpu() - c
+    if r.returncode != 0:
+        raise SystemExit(f"cold-start run failed ({r.returncode}): {r.stderr.strip()}")
+    return wall, cpu
+
+
+def cold_start(model: Path, image: Path, runs: int = 5) -> dict:
+    """Median wall / CPU seconds of ``python -m bonefrac predict IMAGE`` in fresh processes,
+    each run followed by one of :data:`BASELINE_CMD`, and the ratio of the medians."""
+    walls, cpus, base = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
+        _timed_child(BASELINE_CMD)  # warm the page cache for both
         for i in range(runs):
             cmd = [sys.executable, "-m", "bonefrac", "predict", str(image), "--model", str(model),
                    "--out", f"{tmp}/out{i}", "--quiet"]
-            t, c = time.perf_counter(), child_cpu()
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            walls.append(time.perf_counter() - t)
-            cpus.append(child_cpu() - c)
-            if r.returncode != 0:
-                raise SystemExit(f"cold-start run failed ({r.returncode}): {r.stderr.strip()}")
-    return walls, cpus
+            wall, cpu = _timed_child(cmd)
+            walls.append(wall)
+            cpus.append(cpu)
+            base.append(_timed_child(BASELINE_CMD)[0])
+    med = statistics.median(walls)
+    return {"median": round(med, 3), "runs": [round(t, 3) for t in walls],
+            "cpu_median": round(statistics.median(cpus), 3),
+            "baseline_import_median": round(statistics.median(base), 3),
+            "ratio_to_baseline": round(med / statistics.median(base), 2)}
 
 
 def measure(model: Path, files: list[Path], args, workers: int) -> dict:
@@ -234,12 +253,13 @@ def measure(model: Path, files: list[Path], args, workers: int) -> dict:
         out["speedup_onnx_over_torch"] = round(onnx_ips / torch_ips, 2)
         # ONNX probabilities come from the output rows, rounded to 6 decimals (<= 5e-7).
         out["max_abs_prob_diff"] = float(max(abs(p_onnx[k] - p_torch[k]) for k in p_onnx))
-    log(f"{model.name}: cold start, 3 fresh `bonefrac predict` processes on one image")
-    walls, cpus = cold_start(model, files[0])
-    out["cold_start_s"] = {"median": round(statistics.median(walls), 3),
-                           "runs": [round(t, 3) for t in walls],
-                           "cpu_median": round(statistics.median(cpus), 3)}
+    out["cold_start_s"] = measure_cold_start(model, files[0], args.cold_runs)
     return out
+
+
+def measure_cold_start(model: Path, image: Path, runs: int) -> dict:
+    log(f"{model.name}: cold start, {runs} fresh `bonefrac predict` processes on one image")
+    return cold_start(model, image, runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="also time the ONNX path over workers x threads x batch settings")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch path")
+    p.add_argument("--cold-runs", type=int, default=5, help="fresh processes for cold start")
+    p.add_argument("--cold-start-only", action="store_true",
+                   help="measure only the cold start (and its baseline) of each model")
     args = p.parse_args(argv)
 
     models = [resolve_model(m) for m in args.model]
@@ -281,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         out["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
+    if args.cold_start_only:
+        out["models"] = [{"model": str(m), "cold_start_s": measure_cold_start(
+            m, files[0], args.cold_runs)} for m in models]
+        out["loadavg_after"] = loadavg()
+        print(json.dumps(out, indent=2))
+        return 0
     out["models"] = [measure(m, files, args, workers) for m in models]
     base = out["models"][0]["onnx"]["images_per_s"]
     for m in out["models"]:

@@ -15,7 +15,8 @@ $BF ensemble fit --members "$RUNS/mobilenetv2_v2_320$SUFFIX" "$RUNS/efficientnet
     --model-id "bonefrac-mnv2-lite0-bone-fracture-v2${SUFFIX//_/-}"
 rm -rf "$V2"; mkdir -p "$V2"
 cp "$RUNS"/ensemble_v2$SUFFIX/{ensemble_meta.json,domain_gate.npz,*.onnx,*.safetensors,*_history.json} "$V2/"
+# the package is written only where named: --out for the results, --card for the shipped card
 $BF evaluate --model "$V2" --data "$DATA" --split test --subgroup yolo_classes \
-    --compare-with "$V1"
+    --compare-with "$V1" --out "$V2/Results" --no-report
 $BF predict examples/test_images --model "$V2" --explain --out "$V2/Results/example_predictions"
-$BF report "$V2" --data "$DATA"
+$BF report "$V2" --results "$V2/Results" --out "$V2/Results" --card "$V2/MODEL_CARD.md" --data "$DATA"

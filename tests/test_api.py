@@ -115,7 +115,9 @@ def test_operating_point_drives_decision(model):
         r = model.predict(f, operating_point=point)
         assert r.threshold == pytest.approx(t, abs=1e-6)
         assert r.decision == ("fractured" if r.prob_fractured >= t else "non_fractured")
-        assert r.confidence == pytest.approx(max(r.prob_fractured, 1 - r.prob_fractured))
+        # the probability of the stated decision, never the distance from 0.5
+        p = r.prob_fractured
+        assert r.confidence == pytest.approx(p if r.decision == "fractured" else 1 - p)
     with pytest.raises(ValueError, match="operating point"):
         model.predict(f, operating_point="magic")
 

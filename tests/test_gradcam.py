@@ -167,10 +167,10 @@ def test_overlay_is_the_image_at_its_own_size_plus_margins(hw):
     a = np.asarray(fig)
     # the image area is the radiograph unscaled, with the map upsampled onto it
     assert np.array_equal(a[:h, :w], np.asarray(overlay(gray, cam, ALPHA)))
-    # the colour bar (jet: red at the top, blue at the bottom) is in the right margin
+    # the colour bar (inferno: pale yellow at the top, purple lower down) is in the margin
     bar = a[:h, w:].astype(int)
-    assert ((bar[..., 0] > 150) & (bar[..., 2] < 60)).any()  # red
-    assert ((bar[..., 2] > 150) & (bar[..., 0] < 60)).any()  # blue
+    assert ((bar[..., 0] > 230) & (bar[..., 1] > 230) & (bar[..., 2] < 200)).any()  # yellow
+    assert ((bar[..., 0] > 90) & (bar[..., 2] > 80) & (bar[..., 1] < 50)).any()  # purple
     assert a[h:].std() > 5  # the caption's text
 
 

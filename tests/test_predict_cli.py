@@ -65,9 +65,9 @@ def test_mixed_folder_keeps_good_results_and_lists_bad_files(tiny_ensemble, mixe
         assert 0 <= r["prob_fractured"] <= 1 and r["decision"] in ("fractured", "non_fractured")
         assert all(f"prob_{m}" in r for m in members)
         assert r["model_id"] == data["model_id"] and r["warning"] == ""
-        # confidence: max(p, 1 - p) of the fused probability, whatever the threshold
-        assert r["confidence"] == pytest.approx(
-            max(r["prob_fractured"], 1 - r["prob_fractured"]))
+        # confidence: the calibrated probability of the stated decision
+        p = r["prob_fractured"]
+        assert r["confidence"] == pytest.approx(p if r["decision"] == "fractured" else 1 - p)
     err = capsys.readouterr().err
     for f in bad:  # one line per bad file, naming it, and no traceback
         assert sum(str(f) in line for line in err.splitlines()) == 1

@@ -125,7 +125,8 @@ def test_report_on_ensemble(ens_copy, capsys):
 
     metrics = json.loads((ens_copy / "Results" / "metrics.json").read_text())
     meta = json.loads((ens_copy / "ensemble_meta.json").read_text())
-    card = (ens_copy / "MODEL_CARD.md").read_text()
+    assert not (ens_copy / "MODEL_CARD.md").exists()  # never into the model folder unasked
+    card = (ens_copy / "Results" / "MODEL_CARD.md").read_text()
     headings = re.findall(r"^## (.+)$", card, flags=re.M)
     assert headings == list(SECTIONS)
     assert card.count(DISCLAIMER) >= 2
@@ -164,7 +165,7 @@ def test_report_on_training_run(tiny_runs, tmp_path):
     run = Path(shutil.copytree(tiny_runs["efficientnet_lite0"], tmp_path / "run"))
     assert main(["report", str(run)]) == 0
     _check_html(run / "Results" / "report.html")
-    card = (run / "MODEL_CARD.md").read_text()
+    card = (run / "Results" / "MODEL_CARD.md").read_text()
     assert "training run (one member)" in card
     mj = json.loads((run / "model.json").read_text())
     assert mj["backbone_weights"] in card
@@ -181,8 +182,8 @@ def test_report_reads_nan_and_null(ens_copy):
     path.write_text(json.dumps(m))  # allow_nan: writes the bare token NaN
     assert "NaN" in path.read_text()
     assert main(["report", str(ens_copy)]) == 0
-    row = {r[0]: r for r in _md_table_after((ens_copy / "MODEL_CARD.md").read_text(),
-                                            "metric |")}
+    card = (ens_copy / "Results" / "MODEL_CARD.md").read_text()
+    row = {r[0]: r for r in _md_table_after(card, "metric |")}
     assert row["PPV (precision)"][1] == "n/a" and row["NPV"][1] == "n/a"
     _check_html(ens_copy / "Results" / "report.html")
 
@@ -208,7 +209,7 @@ def test_corrupt_figure_is_left_out_with_a_warning(ens_copy, capsys):
     assert "broken.png" in capsys.readouterr().err
     p = _check_html(ens_copy / "Results" / "report.html")
     assert len(p.imgs) == len(list((ens_copy / "Results").glob("*.png"))) - 1
-    assert not (ens_copy / "MODEL_CARD.md").exists()
+    assert not (ens_copy / "Results" / "MODEL_CARD.md").exists()
 
 
 def test_cards_say_what_the_shipped_models_are():

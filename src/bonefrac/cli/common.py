@@ -21,8 +21,13 @@ from bonefrac.inference.model_folder import (  # noqa: F401
     DEFAULT_MODEL,
     PRETRAINED,
     SHORT_NAMES,
-    resolve_model,
+    ModelFolder,
+    model_kind,
 )
+from bonefrac.inference.model_folder import resolve_model as resolve_name
+
+# The shipped models' short names, as the messages list them (SHORT_NAMES also has aliases).
+SHIPPED_NAMES = ("ensemble", "ensemble-224", "baseline")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
@@ -45,9 +50,48 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def check_writable(out: Path) -> None:
+def resolve_model(value: str | os.PathLike | None, option: str = "--model") -> Path:
+    """The model folder of a ``--model`` value (:func:`bonefrac.inference.model_folder.
+    resolve_model`), refused in one line when it is neither a shipped name nor a model folder
+    that exists: a mistyped name must not read as a broken model."""
+    root = resolve_name(value)
+    shipped = ", ".join(SHIPPED_NAMES)
+    if not root.exists():
+        raise CLIError(f"{option} {value}: {root} does not exist; give a model folder or a "
+                       f"shipped model name ({shipped})")
+    if model_kind(root) is None:
+        raise CLIError(f"{option} {value}: {root} is not a bonefrac model folder (no "
+                       f"ensemble_meta.json or model.json); shipped models: {shipped}")
+    return root
+
+
+def torch_note(root: Path, backend: str) -> str:
+    """'' unless ``--backend auto`` will run a member of ``root`` with PyTorch (no ONNX
+    export: seconds to start instead of milliseconds); then the line that says so."""
+    if backend != "auto":
+        return ""
+    folder = ModelFolder.open(root)
+    if all(spec.get("onnx") for spec in folder.members):
+        return ""
+    return (f"note: {root} has no ONNX export, so --backend auto runs it with PyTorch (slow "
+            f"to start); export it once: bonefrac export --model {root} --out {root}")
+
+
+def input_folder(value: str, option: str) -> Path:
+    """An input folder option's value, refused in one line when missing or a file."""
+    path = Path(value)
+    if not path.exists():
+        raise CLIError(f"{option} {value} does not exist")
+    if not path.is_dir():
+        raise CLIError(f"{option} {value} is a file, not a folder")
+    return path
+
+
+def check_writable(out: Path, option: str = "--out") -> None:
     """Create ``out`` and prove it writable with a real file (``os.access`` lies for root), so
     an unwritable output folder fails the run before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{option} {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".bonefrac-write-test-")

@@ -13,9 +13,10 @@ import os
 import signal
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
-from bonefrac import DISCLAIMER, BonefracError
+from bonefrac import CLASSES, DISCLAIMER, BonefracError
 from bonefrac.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -23,9 +24,12 @@ from bonefrac.cli.common import (
     add_model_arg,
     check_writable,
     resolve_model,
+    torch_note,
 )
 from bonefrac.cli.extras import require_dicom_for, require_extra
 from bonefrac.data.isolation import default_pool
+from bonefrac.inference.columns import SCHEMA_NAME
+from bonefrac.inference.domain import UNCERTAIN
 from bonefrac.inference.ensemble import Ensemble
 from bonefrac.inference.predict import (
     DEFAULT_POINT,
@@ -141,18 +145,36 @@ def resolve_shard(args) -> Shard | None:
     return shard
 
 
+def check_inputs(plan: RunPlan, inputs: list[str], shard: Shard | None) -> None:
+    """Refuse a run with nothing to predict, before anything is written: every input
+    missing (a typo: exit 1, not an errors.csv of it), or folders without images."""
+    if plan.missing and not plan.files:
+        gone = [e["file"] for e in plan.missing]
+        raise CLIError(f"{', '.join(gone)} {'does' if len(gone) == 1 else 'do'} not exist "
+                       "(give image or DICOM files, or folders of them)")
+    if not plan.files and not plan.missing:
+        raise CLIError("no image files found in " + ", ".join(map(str, inputs))
+                       + (f" for shard {shard}" if shard else ""))
+
+
 def run(args) -> int:
     # Everything that can fail for the whole run is checked before any image is touched.
     out = Path(args.out)
-    check_writable(out)
-    default_pool().prestart()  # the first decode worker boots while the model loads
-    if args.backend == "torch":
-        require_extra("train", "predict --backend torch")
     shard = resolve_shard(args)
     if shard and args.by_study:
         raise CLIError("--by-study needs every image of a study in one run; it cannot be "
                        "combined with --shard")
-    ens = Ensemble.load(resolve_model(args.model), backend=args.backend, threads=args.threads)
+    plan = plan_files(args.inputs, [out], shard)
+    check_inputs(plan, args.inputs, shard)  # before check_writable creates OUT
+    check_writable(out)
+    if args.backend == "torch":
+        require_extra("train", "predict --backend torch")
+    root = resolve_model(args.model)
+    note = torch_note(root, args.backend)
+    if note:
+        print(note, file=sys.stderr)
+    default_pool().prestart()  # the first decode worker boots while the model loads
+    ens = Ensemble.load(root, backend=args.backend, threads=args.threads)
     ens.gate_enabled = not args.no_gate
     if ens.gate_note:  # the learned check is off for this model: say so before any work
         print(f"note: {ens.gate_note}", file=sys.stderr)
@@ -161,11 +183,7 @@ def run(args) -> int:
         raise CLIError(f"--operating-point {point}: the model {ens.model_id} has none of that "
                        f"name (it has: {', '.join(operating_point_names(ens))})")
     info = model_info(ens, point)
-    plan = plan_files(args.inputs, [out], shard)
     require_dicom_for(plan.files, "predict")
-    if not plan.files and not plan.missing:
-        raise CLIError("no image files found in " + ", ".join(map(str, args.inputs))
-                       + (f" for shard {shard}" if shard else ""))
     if args.resume and (out / "predictions.json").exists():
         plan.done = resume_rows(out, info, plan.files)
         print(f"resuming: {len(plan.done)} of {len(plan.files)} image(s) already predicted "
@@ -227,7 +245,22 @@ def _report(ckpt: Checkpoint, plan: RunPlan, out: Path, interrupted: Interrupted
         return 128 + interrupted.signum
     for e in res.errors:  # one line per bad file, as in errors.csv
         print(f"error: {e['file']}: {e['reason']}", file=sys.stderr)
-    print(f"{len(res.rows)} image(s) predicted, {len(res.errors)} failed -> {out}/"
-          "predictions.csv")
+    print("\n".join(summary_lines(res.rows, res.errors, out)))
     print(DISCLAIMER)
     return EXIT_PARTIAL if res.errors else EXIT_OK
+
+
+def summary_lines(rows: list[dict], errors: list[dict], out: Path) -> list[str]:
+    """The run summary: how many images got each decision, how many failed, and where the
+    predictions, their column guide, the errors and the overlays are."""
+    counts = Counter(r.get("decision") for r in rows)
+    decided = ", ".join(f"{counts[d]} {d}" for d in (CLASSES[1], CLASSES[0], UNCERTAIN))
+    lines = [f"{len(rows) + len(errors)} image(s): {decided}; {len(errors)} failed",
+             f"predictions: {out}/predictions.csv (and predictions.json; columns explained "
+             f"in {out}/{SCHEMA_NAME})",
+             f"errors:      {out}/errors.csv" + (f" ({len(errors)} file(s), one reason each)"
+                                                  if errors else " (none)")]
+    overlays = sum(bool(r.get("heatmap")) for r in rows)
+    if overlays:
+        lines.append(f"overlays:    {out}/heatmaps/ ({overlays} PNG)")
+    return lines

@@ -103,13 +103,32 @@ def threshold_note(ens: Ensemble, *, split: str, refit: str | None = None) -> st
     return "\n".join(lines)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def inside_package(path: str | Path) -> bool:
+    """Whether ``path`` lies inside the installed bonefrac package (a shipped model's
+    folder): nothing writes there unless told to in so many words."""
+    return Path(path).resolve().is_relative_to(PACKAGE_DIR)
+
+
+def default_results_dir(model_dir: str | Path) -> Path:
+    """Where evaluation results go, and where ``bonefrac report`` looks for them, when no
+    folder is given: ``MODEL/Results``, except for a shipped model (inside the package),
+    whose results go to ``Results/<model folder name>/`` in the working directory, so that
+    its shipped ``Results/`` stay as they are."""
+    root = Path(model_dir)
+    return Path("Results") / root.resolve().name if inside_package(root) else root / "Results"
+
+
 def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "test",
                    out: str | Path | None = None, refit_threshold: bool = False,
                    subgroup: str | None = None, backend: str = "auto",
                    compare_with: str | Path | None = None) -> dict:
     """Write the full artifact set for ``model_dir`` on ``index``'s ``split`` and return metrics.
 
-    ``compare_with``: another model folder, run on the same images; ``comparison.md`` gains
+    ``out``: default :func:`default_results_dir`. ``compare_with``: another model folder, run
+    on the same images; ``comparison.md`` gains
     the two side by side (paired bootstrap CI of the AUC difference, both error types).
 
     The model's stored threshold and operating points are used as they are (chosen on its
@@ -123,7 +142,7 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
     boxes = dataset_boxes(index.root)  # a malformed boxes.csv fails before any model runs
     is_ens = len(ens.members) > 1
     sfx = "_ensemble" if is_ens else ""
-    res = Path(out) if out else Path(model_dir) / "Results"
+    res = Path(out) if out else default_results_dir(ens.root)
     res.mkdir(parents=True, exist_ok=True)
     so = collect(ens, index.split(split), desc=f"evaluating {split}")
     if len(so.y) == 0:
@@ -256,7 +275,8 @@ def evaluate_localisation(ens: Ensemble, samples: Sequence[Sample],
         i = w["index"]
         w["file"] = kept[i].rel
         w["png"] = f"{MISSES_DIR}/{rank:02d}_{_safe_stem(kept[i].rel)}.png"
-        write_miss_png(res / w["png"], gray[big][i], cam[i], gt[i], peak[i], pbox[i],
+        write_miss_png(res / w["png"], image_view(gray[big][i], float(aspects[i]), ens.resize),
+                       cam[i], gt[i], peak[i], pbox[i],
                        f"#{rank} distance {w['distance']:.3f}  {kept[i].rel}")
     write_json(res / "localisation.json", {**loc, "images": [
         {"file": s.rel, "boxes": gt[i].tolist(), "peak": peak[i].tolist(),
@@ -270,27 +290,45 @@ def _safe_stem(rel: str, limit: int = 60) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:limit]
 
 
+def image_view(square: np.ndarray, aspect: float, resize: str, side: int = 448) -> np.ndarray:
+    """The image in a model input ``square`` ``(S, S)`` uint8 at its own aspect (width /
+    height ``aspect``), longest side ``side``: a letterbox's bars cropped off, a stretched
+    square stretched back. Heat maps, peaks and boxes are fractions of this frame (the
+    original image's), so the gallery draws them all on it."""
+    from PIL import Image
+
+    from bonefrac.data.preprocess import letterbox_rect
+
+    if resize == "letterbox":
+        s = square.shape[0]
+        x0, y0, x1, y1 = (round(v * s) for v in letterbox_rect(aspect, 1.0))
+        square = square[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+    w, h = ((side, max(1, round(side / aspect))) if aspect >= 1
+            else (max(1, round(side * aspect)), side))
+    return np.asarray(Image.fromarray(square).resize((w, h), Image.BILINEAR))
+
+
 def write_miss_png(path: Path, gray: np.ndarray, cam: np.ndarray, gt: np.ndarray,
-                   peak: np.ndarray, box: np.ndarray, caption: str, scale: int = 2,
+                   peak: np.ndarray, box: np.ndarray, caption: str,
                    alpha: float = 0.4) -> None:
-    """One gallery figure: the model's input ``gray`` ``(S, S)`` uint8 (enlarged ``scale``
-    times) with the map (scaled to its own peak, jet, opacity ``alpha``), the ground-truth boxes
-    ``(k, 4)`` in green, the predicted box in yellow, the peak ``(x, y)`` as a red cross and a
-    caption strip. All coordinates are fractions of the image."""
+    """One gallery figure: the image ``gray`` ``(H, W)`` uint8 in its own frame
+    (:func:`image_view`) with the map (scaled to its own peak, opacity ``alpha``), the
+    ground-truth boxes ``(k, 4)`` in green, the predicted box in yellow, the peak ``(x, y)`` as
+    a red cross and a caption strip. All coordinates are fractions of the image's width and
+    height, the frame of ``cam`` too."""
     from PIL import Image, ImageDraw
 
     from bonefrac.inference.heatmap import overlay
 
-    side = gray.shape[0] * scale
+    h, w = gray.shape
     m = np.clip(cam, 0, None)
     m = m / m.max() if m.max() > 0 else m
-    g = np.asarray(Image.fromarray(gray).resize((side, side), Image.BILINEAR))
-    im = Image.new("RGB", (side, side + 18), (20, 22, 25))
-    im.paste(overlay(g, m, alpha), (0, 0))
+    im = Image.new("RGB", (w, h + 18), (20, 22, 25))
+    im.paste(overlay(gray, m, alpha), (0, 0))
     d = ImageDraw.Draw(im)
 
     def px(b: np.ndarray) -> list[float]:
-        return [float(v) * side for v in b]
+        return [float(v) * (w, h)[k % 2] for k, v in enumerate(b)]
 
     d.rectangle(px(box), outline=(255, 220, 0), width=1)
     for b in gt:
@@ -298,7 +336,7 @@ def write_miss_png(path: Path, gray: np.ndarray, cam: np.ndarray, gt: np.ndarray
     x, y = px(peak)
     d.line([(x - 7, y), (x + 7, y)], fill=(255, 30, 30), width=2)
     d.line([(x, y - 7), (x, y + 7)], fill=(255, 30, 30), width=2)
-    d.text((3, side + 3), caption[:side // 6], fill=(235, 235, 235))
+    d.text((3, h + 3), caption[:w // 6], fill=(235, 235, 235))
     with atomic_write(path, "wb") as f:
         im.save(f, format="PNG")
 

@@ -673,6 +673,8 @@ def _code_licence() -> str:
 
 
 def write_model_card(inp: ReportInputs, path: str | Path | None = None) -> Path:
-    path = Path(path) if path else inp.model_dir / "MODEL_CARD.md"
+    """Write ``MODEL_CARD.md`` (default: beside the results it reports, never into the model
+    folder unless ``path`` says so) and return its path."""
+    path = Path(path) if path else inp.results_dir / "MODEL_CARD.md"
     write_text(path, render_model_card(inp))
     return path

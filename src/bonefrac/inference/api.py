@@ -50,8 +50,9 @@ class Result:
     - ``prob_fractured``: fused, calibrated P(fractured), rounded to 6 decimals as in the CSV;
     - ``decision``: ``"fractured"`` / ``"non_fractured"`` at ``threshold``, the threshold of
       the chosen operating point (``predict(..., operating_point=...)``, default the model's);
-    - ``confidence``: ``max(p, 1 - p)`` of ``prob_fractured``: the distance from undecided,
-      not the probability that ``decision`` is right;
+    - ``confidence``: the calibrated probability that ``decision`` is right
+      (``prob_fractured`` for fractured, ``1 - prob_fractured`` for non_fractured, None for
+      uncertain);
     - ``decision_triage``, ``decision_confirmation``: the decision at each named operating
       point (None where the model has no such point);
     - ``peak_x``, ``peak_y``, ``box_x0`` .. ``box_y1``: where the heat map peaks and the box
@@ -70,7 +71,7 @@ class Result:
     prob_fractured: float
     prob_members: dict[str, float]
     decision: str
-    confidence: float
+    confidence: float | None
     threshold: float
     decision_triage: str | None
     decision_confirmation: str | None

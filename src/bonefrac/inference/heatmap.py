@@ -3,9 +3,12 @@
 :func:`render_overlay` draws one figure per image:
 
 - the radiograph at its own size and aspect (``load_gray(path, None)``), with the map
-  bilinearly upsampled to it and blended on as a jet colour ramp. The map covers the whole
-  image: the model saw the image stretched to a square, so the map's fractions of width and
-  height are the image's;
+  bilinearly upsampled to it and blended on in the upper part of *inferno* (matplotlib's
+  perceptually uniform map, :data:`INFERNO`, from purple to pale yellow): map values below
+  :data:`LEVEL` are not drawn at all and the opacity ramps up over the next :data:`RAMP`, so the
+  radiograph keeps its own grays wherever the model did not look (a jet ramp tinted the whole
+  image dark blue). The map's fractions of width and height are the image's (a letterbox
+  model's map is brought to the image's frame first);
 - the map's opacity is ``ALPHA`` when P(fractured) >= the threshold and
   ``ALPHA * P / threshold`` below it (:func:`map_opacity`): Grad-CAM maps are scaled to a peak
   of 1 whatever the prediction, so without the fade an image the model calls negative would show
@@ -13,8 +16,10 @@
   the map is faded;
 - the localisation box (``box``: x0, y0, x1, y1 as fractions of width/height) as a rectangle
   and its peak (``peak``: x, y fractions) as a small cross, line widths growing with the image;
-- a colour bar (0, 0.5, 1) in a margin on the right and a caption strip under the image:
-  ``P(fractured) 0.83 | threshold 0.41 | fractured | RESEARCH USE ONLY``.
+- a colour bar titled "map" in a margin on the right, ticks 0, :data:`LEVEL`, 0.5 and 1, the
+  part below :data:`LEVEL` drawn as the background (not drawn on the image), and a caption
+  strip under the image: ``P(fractured) 0.83 | threshold 0.41 | fractured | RESEARCH USE
+  ONLY``.
 
 The figure is ``(W + bar margin, H + caption)`` for a ``(H, W)`` radiograph (wider where a
 very small image's caption needs it); the image itself sits at its top-left corner, unscaled.
@@ -34,18 +39,37 @@ from bonefrac.inference.localise import upsample
 from bonefrac.utils import atomic_write
 
 ALPHA = 0.4  # the map's opacity at and above the threshold
-BOX_COLOUR = (255, 255, 255)  # jet blended on gray never gives pure white at full opacity
+LEVEL = 0.2  # map values below this are transparent: the radiograph shows as it is
+RAMP = 0.15  # the opacity grows from 0 at LEVEL to full at LEVEL + RAMP
+BOX_COLOUR = (255, 255, 255)  # inferno blended on gray never gives pure white
 BACKGROUND = (20, 22, 25)  # the margins
 TEXT_COLOUR = (235, 235, 235)
 NOTICE = "RESEARCH USE ONLY"
+BAR_TITLE = "map"
+# matplotlib's "inferno" at 17 evenly spaced points (RGB); a perceptually uniform map whose
+# lightness rises monotonically, so a brighter colour always means a higher value.
+INFERNO = np.array([
+    (0, 0, 4), (11, 7, 36), (33, 12, 74), (61, 9, 101), (87, 16, 110), (113, 25, 110),
+    (138, 34, 106), (163, 44, 97), (188, 55, 84), (210, 70, 68), (228, 90, 49), (241, 115, 29),
+    (249, 142, 9), (252, 172, 17), (249, 203, 53), (242, 234, 105), (252, 255, 164)],
+    np.float32)
+CMAP_START = 0.3  # the map at LEVEL starts at inferno(0.3), purple: its black end would darken
 
 
-def _jet(v: np.ndarray) -> np.ndarray:
-    """Map [0, 1] -> RGB uint8 with a jet-like colour ramp."""
-    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
-    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+def colour_map(v: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] -> RGB uint8 ``v.shape + (3,)``: :data:`LEVEL` .. 1 spread over
+    inferno from :data:`CMAP_START` to 1 (values below LEVEL get LEVEL's colour; they are
+    transparent, :func:`pixel_opacity`)."""
+    t = CMAP_START + (1 - CMAP_START) * np.clip((v - LEVEL) / (1 - LEVEL), 0, 1)
+    x = np.linspace(0, 1, len(INFERNO))
+    rgb = [np.interp(t, x, INFERNO[:, c]) for c in range(3)]
+    return np.rint(np.stack(rgb, -1)).astype(np.uint8)
+
+
+def pixel_opacity(v: np.ndarray) -> np.ndarray:
+    """Per-pixel opacity factor in [0, 1]: 0 below :data:`LEVEL`, rising linearly to 1 at
+    ``LEVEL + RAMP`` (no hard edge around the drawn region)."""
+    return np.clip((np.asarray(v, np.float32) - LEVEL) / RAMP, 0, 1)
 
 
 def map_opacity(prob: float, threshold: float, alpha: float = ALPHA) -> float:
@@ -63,21 +87,25 @@ def upsample_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = ALPHA) -> Image.Image:
-    """Grayscale ``(H, W)`` uint8 + map ``(h, w)`` in [0, 1] -> RGB blend of size (W, H)."""
+    """Grayscale ``(H, W)`` uint8 + map ``(h, w)`` in [0, 1] -> RGB blend of size (W, H):
+    :func:`colour_map` at opacity ``alpha * pixel_opacity`` (pixels whose map value is below
+    :data:`LEVEL` keep their gray exactly)."""
     h, w = gray.shape
-    colour = _jet(upsample_map(cam, (w, h))).astype(np.float32)
+    m = upsample_map(cam, (w, h))
+    colour = colour_map(m).astype(np.float32)
+    a = (alpha * pixel_opacity(m))[..., None]
     base = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    return Image.fromarray(np.rint((1 - alpha) * base + alpha * colour).astype(np.uint8))
+    return Image.fromarray(np.rint((1 - a) * base + a * colour).astype(np.uint8))
 
 
 def heat_layer(cam: np.ndarray, size: tuple[int, int], *, prob: float, threshold: float,
                alpha: float = ALPHA) -> Image.Image:
-    """The map alone as RGBA of ``size = (W, H)``: jet colours, uniform alpha
-    :func:`map_opacity` (for a viewer that lays it over the radiograph itself)."""
-    rgb = _jet(upsample_map(cam, size))
-    a = np.full(rgb.shape[:2] + (1,), round(255 * map_opacity(prob, threshold, alpha)),
-                np.uint8)
-    return Image.fromarray(np.concatenate([rgb, a], axis=2), mode="RGBA")
+    """The map alone as RGBA of ``size = (W, H)`` (for a viewer that lays it over the
+    radiograph itself): :func:`colour_map` colours, alpha :func:`map_opacity` times
+    :func:`pixel_opacity` (transparent below :data:`LEVEL`)."""
+    m = upsample_map(cam, size)
+    a = np.rint(255 * map_opacity(prob, threshold, alpha) * pixel_opacity(m)).astype(np.uint8)
+    return Image.fromarray(np.concatenate([colour_map(m), a[..., None]], axis=2), mode="RGBA")
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -148,9 +176,9 @@ def render_overlay(gray: np.ndarray, cam: np.ndarray, *, prob: float, threshold:
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     # the colour-bar margin on the right
-    label_w = max(_text_size(probe, t, font)[0] for t in ("0", "0.5", "1"))
+    label_w = max(_text_size(probe, t, font)[0] for t, _ in BAR_TICKS)
     bar_w = max(6, fs)
-    margin = pad + bar_w + pad // 2 + label_w + pad
+    margin = pad + max(bar_w + pad // 2 + label_w, _text_size(probe, BAR_TITLE, font)[0]) + pad
     # the caption strip under the image, wrapped to the figure's width (a small image's figure
     # is widened so that each part of the caption fits on a line)
     parts = caption_text(prob, threshold, decision)
@@ -172,22 +200,42 @@ def render_overlay(gray: np.ndarray, cam: np.ndarray, *, prob: float, threshold:
         draw.line([(cx - arm, cy), (cx + arm, cy)], fill=BOX_COLOUR, width=lw)
         draw.line([(cx, cy - arm), (cx, cy + arm)], fill=BOX_COLOUR, width=lw)
 
-    # colour bar: 1 at the top, 0 at the bottom, the jet ramp unfaded (the map's own scale)
-    top = pad + fs // 2
-    bottom = max(top + 2, h - pad - fs // 2)
-    ramp = np.linspace(1, 0, bottom - top, dtype=np.float32)
-    bar = np.repeat(_jet(ramp)[:, None, :], bar_w, axis=1)
-    x_bar = w + pad
-    fig.paste(Image.fromarray(bar), (x_bar, top))
-    draw.rectangle([x_bar - 1, top - 1, x_bar + bar_w, bottom], outline=TEXT_COLOUR, width=1)
-    for text, y in (("1", top), ("0.5", (top + bottom) / 2), ("0", bottom)):
-        x0, y0, _, y1 = draw.textbbox((0, 0), text, font=font)
-        draw.text((x_bar + bar_w + pad // 2 - x0, round(y - (y0 + y1) / 2)), text,
-                  fill=TEXT_COLOUR, font=font)
+    _draw_colour_bar(fig, draw, font, x=w + pad, title_y=pad // 2,
+                     top=pad // 2 + round(fs * 1.3) + fs // 2, bottom=h - pad - fs // 2,
+                     bar_w=bar_w, gap=pad // 2)
 
     for k, line in enumerate(lines):
         draw.text((pad, h + pad + k * line_h), line, fill=TEXT_COLOUR, font=font)
     return fig
+
+
+BAR_TICKS = (("1", 1.0), ("0.5", 0.5), (f"{LEVEL:g}", LEVEL), ("0", 0.0))
+
+
+def _draw_colour_bar(fig: Image.Image, draw: ImageDraw.ImageDraw, font, *, x: int,
+                     title_y: int, top: int, bottom: int, bar_w: int, gap: int) -> None:
+    """The colour bar at ``x``: map value 1 at ``top``, 0 at ``bottom``, each value drawn as
+    on the image at full opacity over the background (so the part below :data:`LEVEL`, not
+    drawn on the image, is background), outlined, titled at ``title_y`` and ticked
+    (:data:`BAR_TICKS`; a tick that would overlap the one above it is left out)."""
+    bottom = max(top + 2, bottom)
+    v = np.linspace(1, 0, bottom - top, dtype=np.float32)
+    a = pixel_opacity(v)[:, None]
+    rgb = a * colour_map(v) + (1 - a) * np.array(BACKGROUND, np.float32)
+    bar = np.repeat(np.rint(rgb).astype(np.uint8)[:, None, :], bar_w, axis=1)
+    fig.paste(Image.fromarray(bar), (x, top))
+    draw.rectangle([x - 1, top - 1, x + bar_w, bottom], outline=TEXT_COLOUR, width=1)
+    x0, y0, _, _ = draw.textbbox((0, 0), BAR_TITLE, font=font)
+    draw.text((x - x0, title_y - y0), BAR_TITLE, fill=TEXT_COLOUR, font=font)
+    last = -1e9
+    for text, value in BAR_TICKS:
+        y = bottom - value * (bottom - top)
+        x0, y0, _, y1 = draw.textbbox((0, 0), text, font=font)
+        if y - last < 1.1 * (y1 - y0):
+            continue
+        draw.text((x + bar_w + gap - x0, round(y - (y0 + y1) / 2)), text, fill=TEXT_COLOUR,
+                  font=font)
+        last = y
 
 
 def png_bytes(img: Image.Image) -> bytes:

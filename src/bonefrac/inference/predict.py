@@ -37,6 +37,7 @@ from bonefrac.data.io import (
     ImageReadError,
 )
 from bonefrac.data.isolation import DecodePool, decode_file
+from bonefrac.inference.columns import write_schema
 from bonefrac.inference.domain import (
     UNCERTAIN,
     blank_check,
@@ -353,6 +354,14 @@ def decision_threshold(ens: Ensemble, point: str | None = None) -> float:
     return float(ens.operating_points[point]["threshold"])
 
 
+def decision_confidence(prob: float, fractured: bool, uncertain: bool = False) -> float | None:
+    """P(the decision is right) for a calibrated ``prob``: ``prob`` when the decision is
+    fractured, ``1 - prob`` when not, None when it is ``uncertain`` (no decision stated)."""
+    if uncertain:
+        return None
+    return round(float(prob if fractured else 1 - prob), 6)
+
+
 def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, float],
              warning: str = "", loc: dict[str, float] | None = None,
              point: str | None = None, domain_score: float | None = None,
@@ -363,10 +372,10 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
       member's calibrated P(fractured);
     - ``decision``: ``fractured`` or ``non_fractured`` at ``threshold``, the threshold of the
       chosen operating point (``point``; the model's default threshold when None);
-    - ``confidence``: ``max(p, 1 - p)`` of the fused probability ``p``: how far the model is
-      from undecided (0.5), whatever the threshold; it is not the probability that
-      ``decision`` is right (at the triage threshold an image decided fractured may have
-      ``p`` = 0.2 and confidence 0.8 - for ``non_fractured``);
+    - ``confidence``: the calibrated probability that ``decision`` is right: ``p`` for
+      ``fractured``, ``1 - p`` for ``non_fractured``, None for ``uncertain`` (at a low triage
+      threshold a ``fractured`` row may read confidence 0.22: flagged although a fracture is
+      the less likely answer);
     - ``decision_<name>``: the decision at each named operating point;
     - ``peak_x``, ``peak_y``, ``box_x0`` .. ``box_y1``, ``box_score``: where the heat map peaks
       (``loc``, from :func:`loc_fields`);
@@ -384,7 +393,7 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
     row.update({f"prob_{k}": round(float(v), 6) for k, v in member_probs.items()})
     row.update({
         "decision": UNCERTAIN if gate and warning else CLASSES[int(decision)],
-        "confidence": round(float(max(prob, 1 - prob)), 6),
+        "confidence": decision_confidence(prob, decision, gate and bool(warning)),
         "threshold": round(threshold, 6)})
     for name, op in ens.operating_points.items():
         row[f"decision_{name}"] = CLASSES[int(prob >= op["threshold"])]
@@ -430,7 +439,9 @@ def model_info(ens: Ensemble, point: str | None = None) -> dict:
 
 def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, complete: bool = True,
                   **extra) -> None:
-    """``predictions.csv``, ``predictions.json`` and ``errors.csv``, each written atomically.
+    """``predictions.csv``, its column guide ``predictions.schema.json``
+    (:mod:`bonefrac.inference.columns`), ``predictions.json`` and ``errors.csv``, each written
+    atomically.
 
     ``model``: the ensemble, or a :func:`model_info` header (merging shards needs no model).
     ``complete=False`` marks a checkpoint of an unfinished run; ``extra`` goes into the JSON.
@@ -442,6 +453,7 @@ def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, comp
     w.writeheader()
     w.writerows(res.rows)
     write_text(out / "predictions.csv", buf.getvalue())
+    write_schema(out, fields)  # the column guide beside the CSV
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["file", "reason"], extrasaction="ignore")
     w.writeheader()

@@ -18,9 +18,9 @@ PREDICTION_FIELDS: tuple[tuple[str, str], ...] = (
     ("prob_<member>", "each ensemble member's calibrated P(fractured)"),
     ("decision", "fractured or non_fractured at `threshold`; uncertain when the input-domain "
                  "gate flagged the image (`warning` says why)"),
-    ("confidence", "max(p, 1 - p) of the fused probability p (prob_fractured): how far the "
-                   "model is from undecided (0.5), whatever the threshold; not the probability "
-                   "that the decision is right"),
+    ("confidence", "the calibrated probability that `decision` is right: prob_fractured for "
+                   "fractured, 1 - prob_fractured for non_fractured, null for uncertain (a "
+                   "fractured call at a low triage threshold can read 0.22)"),
     ("threshold", "the threshold that drove `decision`: the model's default one, or that of "
                   "the operating point asked for with `operating_point`"),
     ("decision_<point>", "the decision at each named operating point (triage, confirmation)"),
