@@ -10,6 +10,7 @@ it the tests that need them are skipped, except under CI (CI=true), where they f
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -422,6 +423,9 @@ def test_node_predicts_a_study_and_delivers_sr_and_captures(make_node, receiver,
     assert len(done["sop_instance_uids"]) == 2 and len(done["batches"]) == 1
     log = (tmp_path / "spool" / "log" / "predictions.csv").read_text()
     assert log.count("\n") == 3 and "Test^Bone" not in log  # no names unless configured
+    boxes = (tmp_path / "spool" / "log" / "detections.csv").read_text().splitlines()
+    assert boxes[0].startswith("file,sop_instance_uid,rank,score,x0")
+    assert len(boxes) == 1 + sum(len(r.get("detections") or [1]) for r in want.values())
     assert node.spool.pending() == 0 and node.sender.pending() == 0
 
 
@@ -453,6 +457,32 @@ def test_node_rejects_unknown_callers_and_refuses_bad_data(make_node, receiver, 
     assert (tmp_path / "spool" / "quarantine" / f"{broken.SOPInstanceUID}.dcm").is_file()
     assert echo(node.port)  # still up
     wait_for(lambda: receiver.of_class(SR), 60, "the good image's SR")
+
+
+def test_results_by_kind_and_no_gsps_for_a_colour_image(make_node, receiver, tmp_path):
+    """The node builds only what a destination wants, and no GSPS for an RGB image (a
+    grayscale presentation state cannot reference it)."""
+    files = make_study(tmp_path / "in", 2)
+    rgb = dcmread(files[1])
+    pixels = np.repeat(rgb.pixel_array[..., None], 3, axis=2)
+    rgb.SOPClassUID = rgb.file_meta.MediaStorageSOPClassUID = SC
+    rgb.SamplesPerPixel, rgb.PhotometricInterpretation, rgb.PlanarConfiguration = 3, "RGB", 0
+    rgb.PixelData = pixels.tobytes()
+    rgb.save_as(files[1], enforce_file_format=True)
+    tail = ("[[destinations]]\nae_title = \"OTHER\"\nhost = \"127.0.0.1\"\n"
+            f"port = {receiver.port}\nresults = [\"gsps\"]\n")
+    node = make_node(node_config(tmp_path, receiver.port, settle=3600, tail=tail))
+    want = predicted(files, tmp_path / "pred")
+    sources = [dcmread(f, stop_before_pixels=True) for f in files]
+    rows = [want[s.SOPInstanceUID] for s in sources]  # no "heatmap": no SC
+    objects = node.results(rows, files, sources, aggregate("1.2", rows))
+    assert [str(o.SOPClassUID) for o in objects] == [SR, PR]
+    assert objects[1].ReferencedSeriesSequence[0].ReferencedImageSequence[0] \
+        .ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+    # only SCs wanted (and none made: the rows have no overlay): no SR, no GSPS built
+    node.config = dataclasses.replace(node.config, destinations=tuple(
+        dataclasses.replace(d, results=("sc",)) for d in node.config.destinations))
+    assert node.results(rows, files, sources, aggregate("1.2", rows)) == []
 
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")

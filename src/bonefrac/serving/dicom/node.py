@@ -36,7 +36,7 @@ from bonefrac.inference.predict import _decode, model_info, predict_files
 from bonefrac.inference.study import aggregate
 from bonefrac.serving.dicom.config import NodeConfig
 from bonefrac.serving.dicom.presentation import build_gsps, has_own_window
-from bonefrac.serving.dicom.results import ModelIdentity, build_sc, build_sr
+from bonefrac.serving.dicom.results import ModelIdentity, build_sc, build_sr, detections_of
 from bonefrac.serving.dicom.sender import Sender
 from bonefrac.serving.dicom.spool import Batch, Spool, receive, valid_uid
 from bonefrac.utils import display_path, write_json
@@ -284,7 +284,9 @@ class DicomNode:
 
     def _log(self, batch: Batch, rows: list[dict], sources: list[Dataset], study: dict) -> None:
         """The rows, with their UIDs (and patient name/ID only when configured), to
-        ``log/predictions.csv``, ``log/studies.csv`` and ``log/<study>_<n>.json``."""
+        ``log/predictions.csv``, ``log/studies.csv`` and ``log/<study>_<n>.json``; each
+        image's boxes (all the model kept, shown or not) to ``log/detections.csv``, one row
+        per box (:data:`bonefrac.inference.detections.DETECTION_COLUMNS` and the UIDs)."""
         logged = []
         for r, s in zip(rows, sources, strict=True):
             row = {"study_instance_uid": s.StudyInstanceUID,
@@ -297,7 +299,11 @@ class DicomNode:
                            patient_name=str(s.get("PatientName", "")))
             logged.append(row)
         log = self.spool.path("log")
-        _append_csv(log / "predictions.csv", logged)
+        boxes = [{"file": row["file"], "sop_instance_uid": row["sop_instance_uid"], **d}
+                 for row, r in zip(logged, rows, strict=True) for d in detections_of(r)]
+        _append_csv(log / "predictions.csv",
+                    [{k: v for k, v in row.items() if k != "detections"} for row in logged])
+        _append_csv(log / "detections.csv", boxes)
         _append_csv(log / "studies.csv", [study])
         n = len(self.spool.done_record(batch.study).get("batches", [])) + 1
         write_json(log / f"{batch.study}_{n}.json",

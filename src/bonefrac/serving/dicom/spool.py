@@ -8,7 +8,8 @@ Layout under the spool folder::
     done/<study>.json                     SOP Instance UIDs processed, results, errors
     quarantine/<sop>.dcm + <sop>.json     refused instances and why
     outbox/, dead-letter/                 results to send, and those that could not be sent
-    log/                                  predictions.csv, studies.csv, <study>.json
+    log/                                  predictions.csv, detections.csv, studies.csv,
+                                          <study>_<n>.json
 
 An instance is written to ``tmp/`` (fsync), checked, then renamed into ``incoming/`` before the
 C-STORE success status goes back. A claimed batch moves to ``processing/`` in one rename, so
