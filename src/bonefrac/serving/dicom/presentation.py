@@ -6,7 +6,7 @@ the shown boxes of :func:`.results.shown_boxes` over the original image, not ove
 - one closed POLYLINE per box (pixel coordinates of the source, like the SR's SCOORD, with the
   SR box group's tracking UID), each labelled ``#rank score`` by a text object above the box;
 - a text line across the top of the display: the banner, P(fracture) and the decision;
-- all on the graphic layer :data:`LAYER` (red);
+- all on the graphic layer :data:`LAYER` (red; white on a grayscale display);
 - the source's window: its own Window Center/Width or VOI LUT when it has one (highdicom copies
   it), else the window bonefrac displayed it with (:func:`display_window`), so the image
   looks as it did to the model; MONOCHROME1 sources get an INVERSE presentation LUT.
@@ -96,6 +96,7 @@ def build_gsps(row: Mapping, source: Dataset, model: ModelIdentity, index: int,
     source = with_type2(source)
     layer = hd.pr.GraphicLayer(LAYER, order=1, display_color=RED,
                                description="bonefrac fracture boxes - RESEARCH USE ONLY")
+    layer.GraphicLayerRecommendedDisplayGrayscaleValue = 0xFFFF  # white on grayscale displays
     graphics, texts = [], [_summary(row)]
     for box in shown_boxes(row, box_threshold):
         rank, poly = int(box["rank"]), box_polyline(box, source).astype(np.float64)
