@@ -43,10 +43,9 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from bonefrac.testing import free_port
 
-from helpers import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 IMAGES = sorted((ROOT / "examples" / "test_images").glob("*.jpg")) + \
     sorted((ROOT / "tests" / "data").rglob("*.jpg"))

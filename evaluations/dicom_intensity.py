@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,22 +24,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bonefrac.testing import dicom as testing_dicom
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _write_dicom() -> Callable:
-    """tests/test_dicom.py's ``write_dicom`` (one DICOM writer for the tests and this)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    spec = importlib.util.spec_from_file_location("test_dicom", ROOT / "tests" / "test_dicom.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.write_dicom
 
 
 def storages(g: np.ndarray, folder: Path, write_dicom: Callable | None = None
              ) -> dict[str, Path]:
     """The 8-bit grayscale radiograph ``g`` ``(H, W)`` stored six ways in ``folder``."""
-    write_dicom = write_dicom or _write_dicom()
+    write_dicom = write_dicom or testing_dicom.write_dicom
     folder.mkdir(parents=True, exist_ok=True)
     full = np.round(g.astype(np.float64) * (4095 / 255)).astype(np.uint16)
     png = folder / "png8.png"

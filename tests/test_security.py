@@ -288,7 +288,8 @@ def test_audit_phi_only_when_asked(ens, tmp_path):
     pytest.importorskip("pydicom")
     from PIL import Image
     from pydicom.uid import SecondaryCaptureImageStorage
-    from test_dicom import write_dicom
+
+    from bonefrac.testing.dicom import write_dicom
 
     px = np.asarray(Image.open(IMAGES[0]).convert("L"))
     data = write_dicom(tmp_path / "doe_jane.dcm", px, sop_class=SecondaryCaptureImageStorage,
