@@ -164,7 +164,8 @@ def test_dicom_upload(client, tmp_path):
     except ImportError:
         pytest.skip("DICOM decoding (bonefrac.data.dicom) is not in this tree yet")
     from pydicom.uid import SecondaryCaptureImageStorage
-    from test_dicom import write_dicom
+
+    from bonefrac.testing.dicom import write_dicom
 
     px = np.asarray(Image.open(IMAGES[0]).convert("L"))
     data = write_dicom(tmp_path / "x.dcm", px, sop_class=SecondaryCaptureImageStorage
