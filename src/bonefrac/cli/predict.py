@@ -77,7 +77,9 @@ def add_arguments(p) -> None:
     add_model_arg(p)
     p.add_argument("--out", default="inference_outputs", help="output folder")
     p.add_argument("--explain", action="store_true",
-                   help="also write Grad-CAM heat-map overlays to OUT/heatmaps/")
+                   help="also write heat-map overlays to OUT/heatmaps/: the model's own map "
+                        "(the shipped ensemble: its trained fracture map; ensemble-224 and "
+                        "baseline: Grad-CAM), its box and peak, a colour bar and the decision")
     p.add_argument("--resume", action="store_true",
                    help="keep the predictions already in OUT/predictions.json (same model "
                         "required) and predict only the remaining files")
@@ -118,6 +120,10 @@ def add_arguments(p) -> None:
                    help="also write OUT/studies.csv and studies.json: one row per DICOM study "
                         "(Study Instance UID), P = the max over its images, fractured at a "
                         "point when any image is; non-DICOM files belong to no study")
+    p.add_argument("--study-ids", action="store_true",
+                   help="with --by-study: also write each study's AccessionNumber and "
+                        "PatientID (columns accession_number, patient_id). Off by default: "
+                        "they identify patients; use only where your approval allows it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -161,6 +167,8 @@ def run(args) -> int:
     # Everything that can fail for the whole run is checked before any image is touched.
     out = Path(args.out)
     shard = resolve_shard(args)
+    if args.study_ids and not args.by_study:
+        raise CLIError("--study-ids goes with --by-study (it adds columns to studies.csv)")
     if shard and args.by_study:
         raise CLIError("--by-study needs every image of a study in one run; it cannot be "
                        "combined with --shard")
@@ -195,15 +203,19 @@ def run(args) -> int:
     interrupted = _predict_into(ckpt, ens, todo, args, out)
     ckpt.write()
     if args.by_study and not interrupted:
-        _write_studies(out, ckpt, plan.files, info)
+        _write_studies(out, ckpt, plan.files, info, args.study_ids)
     return _report(ckpt, plan, out, interrupted)
 
 
-def _write_studies(out: Path, ckpt: Checkpoint, files: list[Path], info: dict) -> None:
-    """``--by-study``: the study rows (rule in :mod:`bonefrac.inference.study`)."""
-    from bonefrac.inference.study import studies_of, study_rows, write_studies
+def _write_studies(out: Path, ckpt: Checkpoint, files: list[Path], info: dict,
+                   with_ids: bool = False) -> None:
+    """``--by-study``: the study rows (rule in :mod:`bonefrac.inference.study`), with the
+    patient identifiers when ``--study-ids`` asked for them."""
+    from bonefrac.inference.study import studies_of, study_ids, study_rows, write_studies
 
-    studies = study_rows(ckpt.res.rows, studies_of(files))
+    studies = study_rows(ckpt.res.rows, studies_of(files),
+                         study_ids(files) if with_ids else None)
+
     write_studies(out, studies, info)
     print(f"{len(studies)} DICOM stud{'y' if len(studies) == 1 else 'ies'} -> {out}/studies.csv",
           file=sys.stderr)
