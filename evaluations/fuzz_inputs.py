@@ -90,7 +90,7 @@ def decode_all(files: list[Path], workers: int, timeout_s: float) -> dict:
     def one(pool, f: Path) -> tuple[str, float, str, str]:
         t = time.monotonic()
         try:
-            pool.decode(f, (224,))
+            pool.decode(f, (224,), resize="stretch")
             kind, reason = "decoded", ""
         except ImageReadError as e:
             kind, reason = category(e.reason), e.reason

@@ -58,8 +58,9 @@ def main() -> None:
     meta = json.loads((args.model / "ensemble_meta.json").read_text())
     index = load_index(args.data)
     train = index.split("train")[:: max(1, len(index.split("train")) // args.calibration_images)]
-    g_train = decode_all(train[: args.calibration_images], 224, desc="calibration").images
-    g_test, kept, _, _ = decode_all(index.split("test"), 224, desc="test")
+    g_train = decode_all(train[: args.calibration_images], 224, desc="calibration",
+                         resize="stretch").images
+    g_test, kept, _, _ = decode_all(index.split("test"), 224, desc="test", resize="stretch")
     y = np.array([s.label for s in kept])
     res, probs = {"model": str(args.model), "test_images": len(y)}, {"fp32": {}, "int8": {}}
     weights = {m["name"]: m["fusion_weight"] for m in meta["members"]}

@@ -166,7 +166,7 @@ def test_letterbox_keeps_the_aspect_and_maps_boxes_into_the_square(tmp_path):
     assert box == pytest.approx([0.75, 0.5, 1.0, 0.625])
     x0, y0, x1, y1 = (round(v * 64) for v in box)
     assert (sq[y0 + 1:y1 - 1, x0 + 1:x1] == 255).all()  # the box's pixels are the bright ones
-    tall = load_gray(tmp_path / "wide.png", 64)  # stretch: the whole square is the image
+    tall = load_gray(tmp_path / "wide.png", 64, "stretch")  # stretch: the whole square is the image
     assert (tall > 0).all()
 
 

@@ -86,14 +86,14 @@ def test_corrupt_files_are_skipped_with_reason(tmp_path):
     (root / "non_fractured" / "truncated.jpg").write_bytes(good.read_bytes()[:400])
     (root / "manifest.csv").unlink()
     idx = load_index(root)
-    imgs, kept, skipped, sizes = decode_all(idx.samples, 64)
+    imgs, kept, skipped, sizes = decode_all(idx.samples, 64, resize="stretch")
     reasons = {p.split("/")[-1]: r for p, r in skipped}
     assert set(reasons) == {"empty.jpg", "text.jpg", "truncated.jpg"}
     assert "empty" in reasons["empty.jpg"] and "not a recognised" in reasons["text.jpg"]
     assert len(kept) == len(imgs) == len(sizes) == 28
     assert sizes.tolist() == [list(Image.open(s.path).size) for s in kept]
     with pytest.raises(ImageReadError, match="text.jpg"):
-        load_gray(root / "fractured" / "text.jpg")
+        load_gray(root / "fractured" / "text.jpg", 224, "stretch")
 
 
 def test_class_weights_inverse_frequency():

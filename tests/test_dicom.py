@@ -19,21 +19,60 @@ from PIL import Image
 pydicom = pytest.importorskip("pydicom")
 
 from helpers import ROOT, TINY_SIZE, load_script, real_images  # noqa: E402
-from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import (  # noqa: E402
+    ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
     RLELossless,
+    generate_uid,
 )
 
 from bonefrac.data.dicom import dicom_to_pil  # noqa: E402
 from bonefrac.data.io import ImageReadError, ImageRefused, load_gray  # noqa: E402
-from bonefrac.testing.dicom import write_dicom  # noqa: E402
 
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 JPEG_XL_LOSSLESS = "1.2.840.10008.1.2.4.110"  # in the standard since 2024; no pydicom decoder
 MPEG2_MPML = "1.2.840.10008.1.2.4.100"
+
+
+def write_dicom(path: Path, pixels: np.ndarray | None, photometric: str = "MONOCHROME2",
+                bits_stored: int | None = None, preamble: bool = True,
+                sop_class: str = DX_STORAGE, **attrs) -> Path:
+    """Write a single-image DICOM file (Explicit VR Little Endian) from ``pixels``.
+
+    ``pixels``: ``(rows, cols)`` uint8/uint16/int16 or ``(rows, cols, 3)`` uint8 RGB, or None
+    for an object without pixel data. Extra keyword arguments become DICOM attributes.
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape[:2]
+        ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+        if pixels.ndim == 3:
+            ds.PlanarConfiguration = 0
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = pixels.dtype.itemsize * 8
+        ds.BitsStored = bits_stored or ds.BitsAllocated
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+        ds.PixelData = np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")
+                                                           ).tobytes()
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    if preamble:
+        ds.save_as(path, enforce_file_format=True)
+    else:  # a bare data set, as old archives and some exporters write them
+        del ds.file_meta
+        ds.save_as(path, implicit_vr=True, little_endian=True)
+    return path
 
 
 def real_gray(i: int = 0) -> np.ndarray:
@@ -198,13 +237,13 @@ def test_multi_frame_is_refused(tmp_path):
     ds.Rows, ds.NumberOfFrames = frames.shape[1], 3
     ds.save_as(ds_path)
     with pytest.raises(ImageReadError, match=r"multi-frame DICOM \(3 frames\)"):
-        load_gray(ds_path, 64)
+        load_gray(ds_path, 64, "stretch")
 
 
 def test_non_image_object_is_refused(tmp_path):
     f = write_dicom(tmp_path / "report.dcm", None, sop_class=BASIC_TEXT_SR)
     with pytest.raises(ImageReadError, match="no pixel data .*Basic Text SR.*not an image"):
-        load_gray(f, 64)
+        load_gray(f, 64, "stretch")
 
 
 def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
@@ -213,7 +252,7 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
     ds.Rows = ds.Columns = 20000  # 400 MP claimed, 256 bytes present
     ds.save_as(f)
     with pytest.raises(ImageReadError, match="too large: 20000x20000"):
-        load_gray(f, 64)
+        load_gray(f, 64, "stretch")
 
 
 def test_truncated_pixel_data_is_refused(tmp_path):
@@ -222,14 +261,14 @@ def test_truncated_pixel_data_is_refused(tmp_path):
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
     ds.save_as(f)
     with pytest.raises(ImageReadError, match="cannot decode DICOM pixel data"):
-        load_gray(f, 64)
+        load_gray(f, 64, "stretch")
 
 
 def test_text_file_named_dcm_is_refused(tmp_path):
     f = tmp_path / "notes.dcm"
     f.write_text("Patient seen in clinic; no imaging attached.\n" * 20)
     with pytest.raises(ImageReadError, match="neither a recognised image format nor a DICOM"):
-        load_gray(f, 64)
+        load_gray(f, 64, "stretch")
 
 
 def test_unsupported_transfer_syntax_is_refused_with_its_name(tmp_path):
@@ -242,7 +281,7 @@ def test_unsupported_transfer_syntax_is_refused_with_its_name(tmp_path):
     # pydicom refuses to write a syntax it does not know: patch the UID in the file meta.
     f.write_bytes(f.read_bytes().replace(MPEG2_MPML.encode(), JPEG_XL_LOSSLESS.encode(), 1))
     with pytest.raises(ImageReadError, match=f"{JPEG_XL_LOSSLESS}.*not supported"):
-        load_gray(f, 64)
+        load_gray(f, 64, "stretch")
 
 
 # ---------------------------------------------------------- names and file layouts
@@ -251,15 +290,16 @@ def test_dicom_without_extension_and_without_preamble(tmp_path):
     no_ext = write_dicom(tmp_path / "IM000001", g)
     bare = write_dicom(tmp_path / "bare.dcm", g, preamble=False)
     assert bare.read_bytes()[128:132] != b"DICM"
-    want = load_gray(write_png(tmp_path / "ref.png", g), 96)
-    assert np.array_equal(load_gray(no_ext, 96), want)
-    assert np.array_equal(load_gray(bare, 96), want)
+    want = load_gray(write_png(tmp_path / "ref.png", g), 96, "stretch")
+    assert np.array_equal(load_gray(no_ext, 96, "stretch"), want)
+    assert np.array_equal(load_gray(bare, 96, "stretch"), want)
 
 
 def test_image_named_dcm_still_decodes(tmp_path):
     g = real_gray()
     f = write_png(tmp_path / "actually_png.dcm", g)
-    assert np.array_equal(load_gray(f, 96), load_gray(write_png(tmp_path / "r.png", g), 96))
+    assert np.array_equal(load_gray(f, 96, "stretch"),
+                          load_gray(write_png(tmp_path / "r.png", g), 96, "stretch"))
 
 
 def write_png(path: Path, g: np.ndarray) -> Path:
@@ -332,7 +372,7 @@ def _load_gray_without(modules, path, shown):
     sys.modules makes `import m` raise ImportError), as on an install without them."""
     code = (f"import sys\nfor m in {tuple(modules)!r}: sys.modules[m] = None\n"
             "from bonefrac.data.io import load_gray, ImageReadError\n"
-            f"try:\n    load_gray({str(path)!r}, 64)\n"
+            f"try:\n    load_gray({str(path)!r}, 64, 'stretch')\n"
             f"except ImageReadError as e:\n    print({shown})\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
@@ -384,7 +424,7 @@ def test_round_trip_real_radiograph_same_probability(tmp_path, tiny_ensemble, id
     g = real_gray(idx)
     mono2 = write_dicom(tmp_path / "mono2.dcm", g)
     mono1 = write_dicom(tmp_path / "mono1", 255 - g, photometric="MONOCHROME1")
-    arrays = {k: load_gray(p, TINY_SIZE) for k, p in
+    arrays = {k: load_gray(p, TINY_SIZE, "stretch") for k, p in
               {"jpeg": src, "mono2": mono2, "mono1": mono1}.items()}
     assert np.array_equal(arrays["mono2"], arrays["jpeg"])
     assert np.array_equal(arrays["mono1"], arrays["jpeg"])
@@ -398,10 +438,10 @@ def test_round_trip_of_a_wide_film_matches_its_lossless_copy(tmp_path):
     decoded in draft mode, see above)."""
     idx = next(i for i, f in enumerate(real_images()) if _width(f) >= 3 * TINY_SIZE)
     g = real_gray(idx)
-    png = load_gray(write_png(tmp_path / "ref.png", g), TINY_SIZE)
+    png = load_gray(write_png(tmp_path / "ref.png", g), TINY_SIZE, "stretch")
     for f in (write_dicom(tmp_path / "mono2.dcm", g),
               write_dicom(tmp_path / "mono1.dcm", 255 - g, photometric="MONOCHROME1")):
-        assert np.array_equal(load_gray(f, TINY_SIZE), png)
+        assert np.array_equal(load_gray(f, TINY_SIZE, "stretch"), png)
 
 
 def test_probability_does_not_depend_on_how_the_pixels_were_stored():

@@ -29,7 +29,7 @@ def v2():
 
 
 def _check(path: Path) -> str:
-    return cheap_checks(path, load_gray(path, 320))
+    return cheap_checks(path, load_gray(path, 320, "stretch"))
 
 
 def test_cheap_checks_name_each_reason(tmp_path):

@@ -36,7 +36,7 @@ def test_edited_meta_weights_change_fused_probability_exactly(tiny_ensemble, tmp
     ens_dir = tmp_path / "ens"
     shutil.copytree(tiny_ensemble, ens_dir)
     meta = json.loads((ens_dir / "ensemble_meta.json").read_text())
-    gray = np.stack([load_gray(f, 96) for f in real_images(5)])
+    gray = np.stack([load_gray(f, 96, "stretch") for f in real_images(5)])
     for w in (0.0, 0.3, 1.0):
         meta["members"][0]["fusion_weight"], meta["members"][1]["fusion_weight"] = w, 1 - w
         meta["members"][0]["temperature"] = 2.0

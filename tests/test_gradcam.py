@@ -39,7 +39,8 @@ def _load(run: Path):
 def gray() -> np.ndarray:
     files = real_images()
     step = len(files) // N_IMAGES
-    return np.stack([load_gray(f, SIZE) for f in files[::step][:N_IMAGES]])  # both classes
+    # both classes
+    return np.stack([load_gray(f, SIZE, "stretch") for f in files[::step][:N_IMAGES]])
 
 
 def autograd_gradcam(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +85,8 @@ def test_closed_form_equals_autograd(tiny_runs, gray, arch):
 def test_onnx_cam_equals_torch(tiny_ensemble, gray):
     onnx = Ensemble.load(tiny_ensemble, backend="onnx")
     ref = Ensemble.load(tiny_ensemble, backend="torch")
-    g = {s: np.stack([load_gray(f, s) for f in real_images()[::4]]) for s in onnx.sizes}
+    g = {s: np.stack([load_gray(f, s, onnx.resize) for f in real_images()[::4]])
+         for s in onnx.sizes}
     a, b = onnx.member_logits(g, want_cam=True), ref.member_logits(g, want_cam=True)
     for name in a:
         (la, ca), (lb, cb) = a[name], b[name]

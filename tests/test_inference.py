@@ -22,7 +22,7 @@ TOL = 1e-4  # fp32 ONNX Runtime vs PyTorch eager, on probabilities
 
 def _max_prob_diff(model: Path, files: list[Path]) -> float:
     onnx, torch_ = (Ensemble.load(model, backend=b) for b in ("onnx", "torch"))
-    gray = {s: np.stack([load_gray(f, s) for f in files]) for s in onnx.sizes}
+    gray = {s: np.stack([load_gray(f, s, onnx.resize) for f in files]) for s in onnx.sizes}
     a, b = onnx.predict_gray(gray), torch_.predict_gray(gray)
     diffs = [np.abs(a.prob - b.prob).max()]
     diffs += [np.abs(a.member_probs[k] - b.member_probs[k]).max() for k in a.member_probs]
@@ -89,7 +89,8 @@ def test_inference_inputs_equal_training_inputs(tiny_ensemble):
     assert not res.errors and [r["file"] for r in res.rows] == [str(s.path) for s in samples]
     for m, tm in zip(onnx.members, torch_ens.members, strict=True):
         model = tm.runner.model  # the trained FractureNet, rebuilt from safetensors
-        imgs, kept, skipped, _ = decode_all(samples, model.preprocessing.size)
+        prep = model.preprocessing
+        imgs, kept, skipped, _ = decode_all(samples, prep.size, resize=prep.resize)
         assert not skipped and len(kept) == len(samples)
         x_train = model.preprocessing(imgs)
         # Batches may finish in any order across workers; match them by content.
@@ -111,7 +112,7 @@ def test_training_augmentation_keeps_the_pixel_domain():
 
     from bonefrac.training.augment import augment_batch, train_augmentation
 
-    gray = np.stack([load_gray(f, 96) for f in real_images(4)])
+    gray = np.stack([load_gray(f, 96, "stretch") for f in real_images(4)])
     ident = v2.RandomAffine(degrees=0, translate=None, scale=(1.0, 1.0),
                             interpolation=v2.InterpolationMode.BILINEAR, fill=0)
     np.testing.assert_array_equal(augment_batch(gray, ident), gray)
@@ -151,8 +152,8 @@ def test_warnings_flag_tiny_and_blank_images(tmp_path):
     with Image.open(src) as im:
         im.convert("L").resize((48, 40)).save(tmp_path / "tiny.png")
     Image.new("L", (300, 300), 40).save(tmp_path / "blank.png")
-    assert "upscaled" in cheap_checks(tmp_path / "tiny.png", load_gray(tmp_path / "tiny.png"))
-    assert "uniform" in cheap_checks(tmp_path / "blank.png", load_gray(tmp_path / "blank.png"))
+    for name, note in (("tiny.png", "upscaled"), ("blank.png", "uniform")):
+        assert note in cheap_checks(tmp_path / name, load_gray(tmp_path / name, 224, "stretch"))
     for f in real_images():  # no false alarms on real radiographs
-        g = load_gray(f)
+        g = load_gray(f, 224, "stretch")
         assert g.std() > BLANK_STD and cheap_checks(f, g) == ""

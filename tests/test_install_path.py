@@ -83,7 +83,7 @@ def test_run_without_onnx_and_without_torch_says_export(tmp_path):
     run.mkdir()
     (run / "model.json").write_text(json.dumps({
         "arch": "mobilenetv2", "weights_file": "model.safetensors",
-        "preprocessing": {"size": 96}}))
+        "preprocessing": {"size": 96, "mean": [0.5] * 3, "std": [0.5] * 3}}))
     out = cli_without(TORCH, "predict", str(ROOT / "examples" / "test_images"), "--model",
                       str(run), "--out", str(tmp_path / "out"))
     assert out.returncode == 1

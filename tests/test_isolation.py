@@ -64,7 +64,7 @@ def test_pool_decodes_exactly_as_in_process(tmp_path):
                     assert np.array_equal(got.inputs[s], want.inputs[s])
                 assert np.array_equal(got.display, want.display)
                 assert (got.width, got.height) == (want.width, want.height)
-        assert pool.decode(files[0], (64,)).display is None
+        assert pool.decode(files[0], (64,), resize="stretch").display is None
         assert pool.stats["started"] <= 2
 
 
@@ -93,7 +93,8 @@ def test_every_misbehaving_decoder_costs_only_its_file(hostile_files):
             ref = predict_files(ens, [hostile_files["good1"]], progress=False, pool=plain)
         assert {r["prob_fractured"] for r in res.rows} == {ref.rows[0]["prob_fractured"]}
         # and the pool goes on: fresh workers, at most two at a time
-        assert pool.decode(hostile_files["good3"], (224,)).inputs[224].shape == (224, 224)
+        d = pool.decode(hostile_files["good3"], (224,), resize="stretch")
+        assert d.inputs[224].shape == (224, 224)
         assert pool.stats["timed_out"] == 1 and pool.stats["crashed"] == 4
         assert len(pool._idle) <= 2 and pool._live <= 2
         pids = worker_pids(pool)
@@ -102,14 +103,14 @@ def test_every_misbehaving_decoder_costs_only_its_file(hostile_files):
 
 def test_hang_is_killed_at_the_limit_and_the_worker_replaced(hostile_files):
     with DecodePool(1, timeout_s=1.5, decoder=HOSTILE) as pool:
-        pool.decode(hostile_files["good1"], (64,))
+        pool.decode(hostile_files["good1"], (64,), resize="stretch")
         (hung_pid,) = worker_pids(pool)
         t = time.monotonic()
         with pytest.raises(ImageReadError, match="timed out after 1.5 s"):
-            pool.decode(hostile_files["hang"], (64,))
+            pool.decode(hostile_files["hang"], (64,), resize="stretch")
         assert 1.4 < time.monotonic() - t < 4
         assert not running(hung_pid)
-        pool.decode(hostile_files["good2"], (64,))
+        pool.decode(hostile_files["good2"], (64,), resize="stretch")
         assert worker_pids(pool) != [hung_pid]
 
 
@@ -118,13 +119,13 @@ def test_a_worker_killed_while_idle_does_not_fail_the_next_file():
     decoded by a fresh one, not blamed."""
     f = real_images(1)[0]
     with DecodePool(1) as pool:
-        pool.decode(f, (64,))
+        pool.decode(f, (64,), resize="stretch")
         (pid,) = worker_pids(pool)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
         while running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert pool.decode(f, (64,)).inputs[64].shape == (64, 64)
+        assert pool.decode(f, (64,), resize="stretch").inputs[64].shape == (64, 64)
         assert worker_pids(pool) != [pid] and pool.stats["crashed"] == 0
 
 
@@ -138,10 +139,10 @@ def test_a_real_rust_panic_is_a_reason_not_an_escape(tmp_path):
     bad = tmp_path / "panics.dcm"
     bad.write_bytes(data[:1889] + data[1890:])
     with pytest.raises(ImageReadError, match="PanicException") as in_process:
-        load_inputs(bad, (64,))
+        load_inputs(bad, (64,), resize="stretch")
     assert "\n" not in in_process.value.reason
     with DecodePool(1) as pool, pytest.raises(ImageReadError, match="PanicException"):
-        pool.decode(bad, (64,))
+        pool.decode(bad, (64,), resize="stretch")
 
 
 def test_a_real_decoder_abort_costs_only_its_file(tmp_path):
@@ -154,13 +155,14 @@ def test_a_real_decoder_abort_costs_only_its_file(tmp_path):
     (bad,) = write_mutants(tmp_path, 1, seed_files(TEST_DATA), seed=0, start=12123)
     assert bad.name == "m12123_xray0_radiograph_jpeg_baseline_run.dcm"
     code = ("import sys\nfrom bonefrac.data.io import load_inputs\n"
-            f"load_inputs({str(bad)!r}, (224,))\n")
+            f"load_inputs({str(bad)!r}, (224,), resize='stretch')\n")
     alone = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert alone.returncode == -signal.SIGABRT
     with DecodePool(1) as pool:
         with pytest.raises(ImageReadError, match=r"decoder crashed \(SIGABRT\)"):
-            pool.decode(bad, (224,))
-        assert pool.decode(real_images(1)[0], (224,)).inputs[224].shape == (224, 224)
+            pool.decode(bad, (224,), resize="stretch")
+        d = pool.decode(real_images(1)[0], (224,), resize="stretch")
+        assert d.inputs[224].shape == (224, 224)
 
 
 def test_keyboard_interrupt_is_not_swallowed(monkeypatch):
@@ -169,17 +171,17 @@ def test_keyboard_interrupt_is_not_swallowed(monkeypatch):
 
     monkeypatch.setattr(bio, "decode_pil", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        load_inputs(real_images(1)[0], (64,))
+        load_inputs(real_images(1)[0], (64,), resize="stretch")
 
 
 def test_threads_share_the_workers():
     files = real_images(8)
-    want = {f: load_inputs(f, (96,)).inputs[96] for f in files}
+    want = {f: load_inputs(f, (96,), resize="stretch").inputs[96] for f in files}
     errors: list[str] = []
     with DecodePool(2) as pool:
         def run():
             for f in files:
-                if not np.array_equal(pool.decode(f, (96,)).inputs[96], want[f]):
+                if not np.array_equal(pool.decode(f, (96,), resize="stretch").inputs[96], want[f]):
                     errors.append(str(f))
 
         threads = [threading.Thread(target=run) for _ in range(4)]
@@ -194,7 +196,7 @@ def test_threads_share_the_workers():
 def test_workers_are_recycled_after_max_requests():
     with DecodePool(1, max_requests=3) as pool:
         for f in real_images(7):
-            pool.decode(f, (64,))
+            pool.decode(f, (64,), resize="stretch")
         assert pool.stats["started"] >= 3
 
 
@@ -206,7 +208,7 @@ def test_stat_refusals_need_no_worker(tmp_path):
         for p, why in ((tmp_path / "empty.png", "empty file"), (fifo, "not a regular file"),
                        (tmp_path, "is a directory"), (tmp_path / "missing.jpg", "not found")):
             with pytest.raises(ImageReadError, match=why):
-                pool.decode(p, (64,))
+                pool.decode(p, (64,), resize="stretch")
         assert pool.stats["started"] == 0
 
 
@@ -214,13 +216,13 @@ def test_closing_leaves_no_process_and_no_shared_memory():
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     pool = DecodePool(2)
     for f in real_images(4):
-        pool.decode(f, (64,))
+        pool.decode(f, (64,), resize="stretch")
     pids = worker_pids(pool)
     assert pids and all(running(p) for p in pids)
     pool.close()
     assert not any(running(p) for p in pids)
     with pytest.raises(RuntimeError, match="closed"):
-        pool.decode(real_images(1)[0], (64,))
+        pool.decode(real_images(1)[0], (64,), resize="stretch")
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) <= shm_before
 
@@ -229,7 +231,8 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
     """A parent killed with SIGKILL runs no cleanup: idle workers see the end of their stdin."""
     code = ("import os, signal, sys\n"
             "from bonefrac.data.isolation import DecodePool\n"
-            f"pool = DecodePool(2)\npool.decode({str(real_images(1)[0])!r}, (64,))\n"
+            f"pool = DecodePool(2)\npool.decode({str(real_images(1)[0])!r}, (64,), "
+            "resize='stretch')\n"
             "pool.prestart()\n"
             "print(*[w.proc.pid for w in pool._idle], flush=True)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")

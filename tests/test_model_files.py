@@ -15,6 +15,7 @@ import pytest
 from helpers import ROOT, SHIPPED_BASELINE, SHIPPED_ENSEMBLE, real_images
 
 from bonefrac.inference import Ensemble, ModelFileError
+from bonefrac.utils import write_json
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -143,8 +144,9 @@ def test_model_folder_tells_the_two_layouts_apart(tmp_path):
 
     run_dir = tmp_path / "run"  # a training run as `bonefrac train` leaves it: no export yet
     run_dir.mkdir()
-    for name in ("model.json", "model.safetensors"):
-        shutil.copy(SHIPPED_BASELINE / name, run_dir / name)
+    base = ModelFolder.open(SHIPPED_BASELINE)  # its member's config is the run's model.json
+    write_json(run_dir / "model.json", base.spec.members[0].config)
+    shutil.copy(base.member_file(base.spec.members[0], "weights"), run_dir / "model.safetensors")
     ens, run = ModelFolder.open(SHIPPED_ENSEMBLE), ModelFolder.open(run_dir)
     assert (ens.kind, run.kind) == (ENSEMBLE, RUN) and run.is_run and not ens.is_run
     assert [m["name"] for m in run.members] == ["mobilenetv2"]  # a one-member ensemble meta
@@ -176,3 +178,26 @@ def test_member_file_checks_the_recorded_sha256(tmp_path):
     with pytest.raises(ModelFileError, match="sha256 mismatch"):
         folder.member_file(spec, "onnx")
     assert folder.member_file(spec, "onnx", verify=False).is_file()
+
+
+# ------------------------------------------------------------------ weights stored once
+WEIGHT_SUFFIXES = {".onnx", ".safetensors", ".npz", ".pth", ".pt", ".bin"}
+
+
+def test_no_two_tracked_weight_files_are_byte_identical():
+    """A copy of a member's weights in a second folder doubles the wheel for nothing: a
+    folder that reuses a member names the other folder's file (``../ensemble_.../x.onnx``)."""
+    import hashlib
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    seen: dict[str, str] = {}
+    for name in tracked:
+        path = ROOT / name
+        if Path(name).suffix not in WEIGHT_SUFFIXES or not path.is_file():
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert digest not in seen, f"{name} is a byte-identical copy of {seen[digest]}"
+        seen[digest] = name
+    assert len(seen) >= 8  # the shipped members' ONNX and safetensors files at least

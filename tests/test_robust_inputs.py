@@ -94,7 +94,7 @@ def save(im: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
 
 def reason(path: Path, size: int = 64) -> str:
     with pytest.raises(ImageReadError) as e:
-        load_gray(path, size)
+        load_gray(path, size, "stretch")
     assert e.value.path == str(path) and "\n" not in e.value.reason
     return e.value.reason
 
@@ -102,14 +102,14 @@ def reason(path: Path, size: int = 64) -> str:
 # ------------------------------------------------------------------------------- pins
 @pytest.mark.parametrize(("rel", "size", "digest"), PINNED)
 def test_real_jpeg_decode_is_unchanged(rel, size, digest):
-    assert sha(load_gray(TEST_DATA / rel, size)) == digest
+    assert sha(load_gray(TEST_DATA / rel, size, "stretch")) == digest
 
 
 @pytest.mark.parametrize("size", sorted(PINNED_ALL))
 def test_all_real_images_decode_unchanged(size):
     h = hashlib.sha256()
     for f in real_images():
-        h.update(load_gray(f, size).tobytes())
+        h.update(load_gray(f, size, "stretch").tobytes())
     assert h.hexdigest() == PINNED_ALL[size]
 
 
@@ -119,16 +119,16 @@ def test_derived_8bit_files_decode_unchanged(tmp_path, idx):
     for size in (96, 224):
         for mode in ("L", "RGB", "RGBA"):
             f = save(im.convert(mode), tmp_path / f"{mode}.png")
-            assert sha(load_gray(f, size)) == PINNED_DERIVED[(idx, "png", size)], mode
+            assert sha(load_gray(f, size, "stretch")) == PINNED_DERIVED[(idx, "png", size)], mode
         for progressive in (False, True):
             f = save(im.convert("L"), tmp_path / "g.jpg", quality=95, progressive=progressive)
-            assert sha(load_gray(f, size)) == PINNED_DERIVED[(idx, "gray_jpeg", size)]
+            assert sha(load_gray(f, size, "stretch")) == PINNED_DERIVED[(idx, "gray_jpeg", size)]
 
 
 # ------------------------------------------------------------------- formats decode
 def reference(tmp_path: Path, g: np.ndarray, size: int = 96) -> np.ndarray:
     """load_gray of a lossless 8-bit grayscale PNG of ``g``."""
-    return load_gray(save(Image.fromarray(g), tmp_path / "reference.png"), size)
+    return load_gray(save(Image.fromarray(g), tmp_path / "reference.png"), size, resize="stretch")
 
 
 def gray(i: int = 0) -> np.ndarray:
@@ -158,7 +158,7 @@ def test_lossless_formats_decode_like_png(tmp_path):
         "pgm": save(im, tmp_path / "a.pgm"), "jp2": save(im, tmp_path / "a.jp2"),
     }
     for name, f in cases.items():
-        assert np.array_equal(load_gray(f, 96), want), name
+        assert np.array_equal(load_gray(f, 96, "stretch"), want), name
 
 
 def test_transparent_regions_are_background(tmp_path):
@@ -168,7 +168,7 @@ def test_transparent_regions_are_background(tmp_path):
     la = Image.merge("LA", [Image.fromarray(g), Image.fromarray(alpha)])
     black_left = g.copy()
     black_left[:, : g.shape[1] // 2] = 0
-    assert np.array_equal(load_gray(save(la, tmp_path / "la.png"), 96),
+    assert np.array_equal(load_gray(save(la, tmp_path / "la.png"), 96, "stretch"),
                           reference(tmp_path, black_left))
 
 
@@ -185,7 +185,7 @@ def test_16bit_png_and_tiff_are_rescaled_not_clipped(tmp_path, bits):
              save(Image.fromarray(v.astype(np.int32)), tmp_path / "i32.tif"),
              save(Image.fromarray(v.astype(np.float32) / 7.0), tmp_path / "f32.tif")]
     for f in cases:  # 12-bit data in a 16-bit container is stretched, not left dark
-        assert np.abs(load_gray(f, 96).astype(int) - want).max() <= 1, f.name
+        assert np.abs(load_gray(f, 96, "stretch").astype(int) - want).max() <= 1, f.name
 
 
 def test_float_tiff_with_nan_does_not_poison_the_range(tmp_path):
@@ -193,7 +193,7 @@ def test_float_tiff_with_nan_does_not_poison_the_range(tmp_path):
     v = g.astype(np.float32) * 3.5
     v[:4, :4] = np.nan  # shown as the darkest value
     g[:4, :4] = 0
-    got = load_gray(save(Image.fromarray(v), tmp_path / "nan.tif"), 96)
+    got = load_gray(save(Image.fromarray(v), tmp_path / "nan.tif"), 96, resize="stretch")
     assert np.abs(got.astype(int) - reference(tmp_path, g)).max() <= 1
     all_nan = save(Image.fromarray(np.full((64, 64), np.nan, np.float32)), tmp_path / "n.tif")
     assert "no finite pixel values" in reason(all_nan)
@@ -205,14 +205,14 @@ def test_progressive_jpeg_decodes_like_baseline(tmp_path):
     prog = save(im, tmp_path / "prog.jpg", quality=90, progressive=True)
     assert Image.open(prog).info.get("progressive")
     for size in (96, 224):
-        assert np.array_equal(load_gray(prog, size), load_gray(base, size))
+        assert np.array_equal(load_gray(prog, size, "stretch"), load_gray(base, size, "stretch"))
 
 
 def test_cmyk_jpeg_decodes_close_to_its_source(tmp_path):
     g = gray(3)
     f = save(Image.fromarray(g).convert("CMYK"), tmp_path / "cmyk.jpg", quality=95)
     assert Image.open(f).mode == "CMYK"
-    got = load_gray(f, 96).astype(int)
+    got = load_gray(f, 96, "stretch").astype(int)
     want = reference(tmp_path, g).astype(int)
     assert np.abs(got - want).mean() < 2.0 and np.corrcoef(got.ravel(), want.ravel())[0, 1] > .99
 
@@ -232,22 +232,25 @@ def test_exif_orientation_is_applied(tmp_path, orientation):
     stored = Image.fromarray(g).transpose(STORED_AS[orientation])
     upright = reference(tmp_path, g).astype(int)
     as_stored = reference(tmp_path, np.asarray(stored)).astype(int)
-    png = load_gray(save(stored, tmp_path / "o.png", exif=exif), 96)
+    png = load_gray(save(stored, tmp_path / "o.png", exif=exif), 96, "stretch")
     assert np.array_equal(png, upright)
     # JPEG is lossy and its blocks fall elsewhere once rotated: close to upright, far from
     # the pixels as stored.
-    jpg = load_gray(save(stored, tmp_path / "o.jpg", exif=exif, quality=95), 96).astype(int)
+    jpg = load_gray(save(stored, tmp_path / "o.jpg", exif=exif, quality=95), 96, "stretch")
+    jpg = jpg.astype(int)
     assert np.abs(jpg - upright).mean() < 2 < np.abs(jpg - as_stored).mean()
 
 
 def test_wrong_extension_is_sniffed_from_content(tmp_path):
     g = gray(1)
     want = reference(tmp_path, g)
-    assert np.array_equal(load_gray(save(Image.fromarray(g), tmp_path / "png.jpg", "PNG"), 96),
+    assert np.array_equal(load_gray(save(Image.fromarray(g), tmp_path / "png.jpg", "PNG"), 96,
+                                    "stretch"),
                           want)
     jpg = save(source(1), tmp_path / "real.jpg", "JPEG", quality=95)
     shutil.copy(jpg, tmp_path / "jpeg.png")
-    assert np.array_equal(load_gray(tmp_path / "jpeg.png", 96), load_gray(jpg, 96))
+    assert np.array_equal(load_gray(tmp_path / "jpeg.png", 96, "stretch"),
+                          load_gray(jpg, 96, "stretch"))
     (tmp_path / "text.jpg").write_text("this is not a radiograph\n")
     assert NOT_AN_IMAGE in reason(tmp_path / "text.jpg")
 
@@ -256,7 +259,7 @@ def test_paths_with_spaces_and_unicode(tmp_path):
     d = tmp_path / "Röntgen Abteilung" / "骨折 films"
     d.mkdir(parents=True)
     f = shutil.copy(real_images()[0], d / "hand film ñ 1.JPG")
-    assert np.array_equal(load_gray(f, 96), load_gray(real_images()[0], 96))
+    assert np.array_equal(load_gray(f, 96, "stretch"), load_gray(real_images()[0], 96, "stretch"))
 
 
 # ------------------------------------------------------------------- refused, clearly
@@ -335,7 +338,7 @@ def test_hostile_headers_and_contents(tmp_path, name, data, expected):
 
 def test_smallest_accepted_size(tmp_path):
     f = save(Image.fromarray(np.full((MIN_SIDE, MIN_SIDE), 7, np.uint8)), tmp_path / "s.png")
-    assert load_gray(f, 32).shape == (32, 32)
+    assert load_gray(f, 32, "stretch").shape == (32, 32)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -369,7 +372,8 @@ def test_truncated_jpeg_says_truncated(tmp_path):
 def test_symlinks(tmp_path):
     good = shutil.copy(real_images()[0], tmp_path / "good.jpg")
     (tmp_path / "link.jpg").symlink_to(good)
-    assert np.array_equal(load_gray(tmp_path / "link.jpg", 96), load_gray(good, 96))
+    assert np.array_equal(load_gray(tmp_path / "link.jpg", 96, "stretch"),
+                          load_gray(good, 96, "stretch"))
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
     assert reason(tmp_path / "dangling.jpg") == (
         f"broken symbolic link (target {tmp_path / 'gone.jpg'} does not exist)")
@@ -424,7 +428,7 @@ def test_unreadable_file(tmp_path):
         # Import first (the interpreter may live where nobody cannot read), then drop root.
         code = ("import os\nfrom bonefrac.data.io import load_gray, ImageReadError\n"
                 "os.setgid(65534)\nos.setuid(65534)\n"
-                f"try:\n    load_gray({str(f)!r}, 64)\n"
+                f"try:\n    load_gray({str(f)!r}, 64, 'stretch')\n"
                 "except ImageReadError as e:\n    print(e.reason)\n")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=120, cwd=d,

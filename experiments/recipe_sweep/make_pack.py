@@ -27,7 +27,8 @@ def main(data: str, out: str) -> None:
     index = load_index(data)
     arrays = {}
     for sp in ("train", "val"):
-        imgs, kept, _, _ = decode_all(index.split(sp), 224, cache_dir=cache_dir() / "decoded")
+        imgs, kept, _, _ = decode_all(index.split(sp), 224, cache_dir=cache_dir() / "decoded",
+                                      resize="stretch")
         blobs = []
         for im in imgs:
             buf = io.BytesIO()

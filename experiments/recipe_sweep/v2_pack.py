@@ -119,7 +119,7 @@ def pack_init(v1: Path, dst: Path, data: Path) -> dict:
 
     folder = ModelFolder.open(v1)
     val = load_index(data).split("val")[:32]
-    gray = decode_all(val, 224).images
+    gray = decode_all(val, 224, resize="stretch").images
     out = {}
     for spec in folder.members:
         src = folder.member_file(spec, "weights")  # sha256-checked

@@ -31,11 +31,11 @@ from bonefrac.data.isolation import default_pool
 from bonefrac.inference.columns import SCHEMA_NAME
 from bonefrac.inference.domain import UNCERTAIN
 from bonefrac.inference.ensemble import Ensemble
+from bonefrac.inference.operating_points import UnknownOperatingPoint
 from bonefrac.inference.predict import (
     DEFAULT_POINT,
     iter_predictions,
     model_info,
-    operating_point_names,
     progress_bar,
 )
 from bonefrac.inference.sharding import (
@@ -77,9 +77,7 @@ def add_arguments(p) -> None:
     add_model_arg(p)
     p.add_argument("--out", default="inference_outputs", help="output folder")
     p.add_argument("--explain", action="store_true",
-                   help="also write heat-map overlays to OUT/heatmaps/: the model's own map "
-                        "(the shipped ensemble: its trained fracture map; ensemble-224 and "
-                        "baseline: Grad-CAM), its box and peak, a colour bar and the decision")
+                   help="also write Grad-CAM heat-map overlays to OUT/heatmaps/")
     p.add_argument("--resume", action="store_true",
                    help="keep the predictions already in OUT/predictions.json (same model "
                         "required) and predict only the remaining files")
@@ -187,9 +185,10 @@ def run(args) -> int:
     if ens.gate_note:  # the learned check is off for this model: say so before any work
         print(f"note: {ens.gate_note}", file=sys.stderr)
     point = args.operating_point
-    if point not in operating_point_names(ens):
-        raise CLIError(f"--operating-point {point}: the model {ens.model_id} has none of that "
-                       f"name (it has: {', '.join(operating_point_names(ens))})")
+    try:
+        ens.points.check(point)
+    except UnknownOperatingPoint as e:
+        raise CLIError(f"--operating-point {point}: model {ens.model_id}: {e}") from None
     info = model_info(ens, point)
     require_dicom_for(plan.files, "predict")
     if args.resume and (out / "predictions.json").exists():
@@ -215,7 +214,6 @@ def _write_studies(out: Path, ckpt: Checkpoint, files: list[Path], info: dict,
 
     studies = study_rows(ckpt.res.rows, studies_of(files),
                          study_ids(files) if with_ids else None)
-
     write_studies(out, studies, info)
     print(f"{len(studies)} DICOM stud{'y' if len(studies) == 1 else 'ies'} -> {out}/studies.csv",
           file=sys.stderr)

@@ -232,7 +232,8 @@ def near_duplicate_groups(paths: Sequence[Path], max_bits: int = 8) -> list[str]
     """
     def hashes(p: Path) -> np.ndarray | None:
         try:
-            return phash_variants(decode_file(p, (64,)).inputs[64])
+            # the hash's own square (a stretched thumbnail), whatever the model's input
+            return phash_variants(decode_file(p, (64,), resize="stretch").inputs[64])
         except ImageReadError:
             return None
 
@@ -277,7 +278,7 @@ class DecodedSplit(NamedTuple):
         return self.sizes[:, 0] / self.sizes[:, 1]
 
 
-def decode_all(samples: Sequence[Sample], size: int, *, resize: str = "stretch",
+def decode_all(samples: Sequence[Sample], size: int, *, resize: str,
                desc: str = "decoding", cache_dir: str | os.PathLike | None = None
                ) -> DecodedSplit:
     """Decode samples to ``(N, size, size)`` uint8 (``resize``: stretch or letterbox),

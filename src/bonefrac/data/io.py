@@ -34,7 +34,7 @@ from bonefrac.data.limits import (
     ImageRefused,
     check_dimensions,
 )
-from bonefrac.data.preprocess import letterbox_rect
+from bonefrac.data.preprocess import letterbox_rect, require_resize
 
 __all__ = ["DICOM_SUFFIXES", "DISPLAY_MAX_SIDE", "FORMATS", "IMAGE_SUFFIXES", "MAX_PIXELS",
            "MIN_SIDE", "OUT_OF_MEMORY", "Decoded", "ImageReadError", "ImageRefused",
@@ -90,13 +90,15 @@ def _to_8bit_gray(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
-def decode_pil(im: Image.Image, size: int | None, resize: str = "stretch") -> np.ndarray:
+def decode_pil(im: Image.Image, size: int | None, resize: str | None = None) -> np.ndarray:
     """Pillow image -> ``(size, size)`` uint8 grayscale (EXIF-oriented, bilinear, antialiased).
 
     ``im`` may be lazily opened: its size is checked before any pixel is decoded.
     ``size=None``: the image's own aspect, longest side at most ``DISPLAY_MAX_SIDE``.
-    ``resize``: ``stretch`` or ``letterbox`` (see :mod:`bonefrac.data.preprocess`).
+    ``resize``: ``stretch`` or ``letterbox`` (see :mod:`bonefrac.data.preprocess`), required
+    with a ``size``.
     """
+    require_resize(resize, size)
     check_dimensions(im.width, im.height)
     if size is None:
         scale = min(1.0, DISPLAY_MAX_SIDE / max(im.width, im.height))
@@ -127,7 +129,7 @@ def _letterbox(gray: Image.Image, size: int) -> np.ndarray:
     return out
 
 
-def gray_from_array(image: np.ndarray, size: int | None = 224, resize: str = "stretch"
+def gray_from_array(image: np.ndarray, size: int | None = None, resize: str | None = None
                     ) -> np.ndarray:
     """An image already in memory -> ``(size, size)`` uint8, as :func:`load_gray` makes it from
     a file holding the same pixels (same Pillow resize).
@@ -173,12 +175,13 @@ class Decoded:
     notes: str = ""
 
 
-def load_gray(path: str | os.PathLike, size: int | None = 224, resize: str = "stretch"
+def load_gray(path: str | os.PathLike, size: int | None = None, resize: str | None = None
               ) -> np.ndarray:
     """Read an image or DICOM file and return it as a ``(size, size)`` uint8 array.
 
     ``size=None`` keeps the image's own size and aspect (for overlays), with the longest side
-    capped at ``DISPLAY_MAX_SIDE``. ``resize``: ``stretch`` or ``letterbox``.
+    capped at ``DISPLAY_MAX_SIDE``. ``resize``: ``stretch`` or ``letterbox``, required with a
+    ``size`` (the model's preprocessing says which).
 
     The format comes from the content, so a PNG named ``.jpg`` or a DICOM file with no
     extension both work. This decodes in the calling process; files from outside go through
@@ -193,8 +196,8 @@ def load_gray(path: str | os.PathLike, size: int | None = 224, resize: str = "st
     return load_inputs(path, (size,), resize=resize).inputs[size]
 
 
-def load_inputs(path: str | os.PathLike, sizes: Sequence[int] = (224,), display: bool = False,
-                resize: str = "stretch") -> Decoded:
+def load_inputs(path: str | os.PathLike, sizes: Sequence[int], display: bool = False,
+                resize: str | None = None) -> Decoded:
     """Decode a file for every model input size (and the display image) at once: a
     :class:`Decoded` whose arrays equal ``load_gray(path, size, resize)`` for each size (and
     ``load_gray(path, None)`` with ``display``).
@@ -204,6 +207,7 @@ def load_inputs(path: str | os.PathLike, sizes: Sequence[int] = (224,), display:
             exception, and native ``BaseException`` subclasses such as pyo3's
             ``PanicException``); KeyboardInterrupt, SystemExit and GeneratorExit pass through.
     """
+    require_resize(resize, sizes)  # a caller's mistake: raised as itself, not as a bad file
     p = Path(path)
     # Some libraries flip this global; a truncated radiograph must be refused, never padded.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -221,7 +225,7 @@ def load_inputs(path: str | os.PathLike, sizes: Sequence[int] = (224,), display:
     return Decoded(inputs, arrays[-1] if display else None, width, height)
 
 
-def _decode_targets(p: Path, targets: Sequence[int | None], resize: str
+def _decode_targets(p: Path, targets: Sequence[int | None], resize: str | None
                     ) -> tuple[list[np.ndarray], tuple[int, int]]:
     """:func:`decode_pil` of the file for each target size, and the stored image's size.
 

@@ -62,6 +62,7 @@ from bonefrac.data.io import (
     failure_reason,
     one_line,
 )
+from bonefrac.data.preprocess import require_resize
 
 __all__ = ["DEFAULT_DECODER", "DecodePool", "decode_file", "default_pool", "worker_main"]
 
@@ -136,7 +137,7 @@ def _serve_one(decode: Callable, req: dict, memory: int) -> tuple[dict, bytes | 
     """Decode one request: (reply header, array bytes or None)."""
     try:
         d = decode(req["path"], tuple(req["sizes"]), display=bool(req["display"]),
-                   resize=req.get("resize", "stretch"))
+                   resize=req.get("resize"))
         arrays = [d.inputs[s] for s in req["sizes"]] + ([d.display] if req["display"] else [])
         arrays = [np.ascontiguousarray(a, dtype=np.uint8) for a in arrays]
         body = b"".join(a.tobytes() for a in arrays)
@@ -351,8 +352,8 @@ class DecodePool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def decode(self, path: str | os.PathLike, sizes: Sequence[int] = (224,), *,
-               display: bool = False, resize: str = "stretch", checks: str | None = None
+    def decode(self, path: str | os.PathLike, sizes: Sequence[int], *,
+               display: bool = False, resize: str | None = None, checks: str | None = None
                ) -> Decoded:
         """Decode one file in a worker: as ``load_inputs(path, sizes, display, resize)``.
 
@@ -366,6 +367,7 @@ class DecodePool:
             RuntimeError: the pool is closed.
         """
         sizes = [int(s) for s in sizes]
+        require_resize(resize, sizes)  # the caller's mistake, not the file's: raised here
         try:  # a stat, no parsing: empty files, folders and FIFOs never cost a round trip
             check_regular_file(Path(path))
         except (ImageRefused, OSError) as e:
@@ -527,8 +529,8 @@ def default_pool() -> DecodePool:
         return _DEFAULT
 
 
-def decode_file(path: str | os.PathLike | Path, sizes: Sequence[int] = (224,), *,
-                display: bool = False, resize: str = "stretch", checks: str | None = None,
+def decode_file(path: str | os.PathLike | Path, sizes: Sequence[int], *,
+                display: bool = False, resize: str | None = None, checks: str | None = None,
                 pool: DecodePool | None = None) -> Decoded:
     """Decode one untrusted file in ``pool`` (default: :func:`default_pool`); raises
     :class:`~bonefrac.data.io.ImageReadError` with the reason when it cannot be used."""

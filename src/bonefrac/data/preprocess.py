@@ -27,26 +27,36 @@ RESIZE_MODES = ("stretch", "letterbox")
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How pixels become a model input; stored with every trained model."""
+    """How pixels become a model input; stored with every trained model.
 
-    size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    resize: str = "stretch"  # one of RESIZE_MODES
+    No field has a default: the geometry (``size`` in pixels, ``resize`` one of
+    ``RESIZE_MODES``) always comes from the model (its spec, or the network being built), so
+    a caller that forgets it gets an error, not a silently wrong square.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str  # one of RESIZE_MODES
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
             raise InputError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if not isinstance(self.size, int) or self.size < 1:
+            raise InputError(f"size must be a positive integer, got {self.size!r}")
 
     def to_dict(self) -> dict:
+        """The JSON form (``decode`` and ``scale`` describe the fields in words)."""
         return {"decode": f"grayscale, EXIF-oriented, bilinear {self.resize} resize",
-                "scale": "[0,1]", **asdict(self)}
+                "scale": "[0,1]", **asdict(self), "mean": list(self.mean),
+                "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        """Models saved before ``resize`` existed were stretch-resized."""
+        """The inverse of :meth:`to_dict`; every field is required (files written before
+        ``resize`` existed are migrated by :func:`bonefrac.inference.spec.migrate`)."""
         return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resize=d.get("resize", "stretch"))
+                   resize=d["resize"])
 
     def __call__(self, gray: np.ndarray) -> np.ndarray:
         """``(N, H, W)`` or ``(H, W)`` uint8 -> ``(N, 3, H, W)`` float32 normalised input."""
@@ -57,6 +67,16 @@ class Preprocessing:
         mean = np.asarray(self.mean, dtype=np.float32)[None, :, None, None]
         std = np.asarray(self.std, dtype=np.float32)[None, :, None, None]
         return (x - mean) / std
+
+
+def require_resize(resize: str | None, sizes: object) -> str | None:
+    """``resize`` itself, checked to be one of ``RESIZE_MODES`` wherever a model-input size is
+    asked for (``sizes`` truthy: a size or a non-empty sequence of them). There is no default
+    below the model's spec: a decode that forgets it is an error, not a stretched square."""
+    if sizes and resize not in RESIZE_MODES:
+        raise InputError(f"resize must be one of {RESIZE_MODES} to make a model input (the "
+                         f"model's preprocessing says which), got {resize!r}")
+    return resize
 
 
 def letterbox_rect(w: int, h: int) -> tuple[float, float, float, float]:

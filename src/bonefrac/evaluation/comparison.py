@@ -18,7 +18,8 @@ def write_comparison(res: Path, ens: Ensemble, y: np.ndarray, probs: dict[str, n
     rows = {}
     for m in ens.members:
         label = f"{m.name} (baseline)" if m.name == baseline else m.name
-        rows[label] = binary_metrics(y, probs[m.name], m.spec.get("threshold", 0.5), n_boot=200)
+        t = 0.5 if m.spec.threshold is None else m.spec.threshold
+        rows[label] = binary_metrics(y, probs[m.name], t, n_boot=200)
     rows["ensemble"] = binary_metrics(y, fused, ens.threshold, n_boot=200)
     diff, lo, hi = paired_bootstrap_auc_diff(y, fused, probs[baseline], n_boot=2000, seed=0)
     b = rows[f"{baseline} (baseline)"]["counts"]

@@ -110,8 +110,7 @@ def fit_folder_gate(model_dir: str | Path, index, *, backend: str = "auto",
     learned check is off) when the training split has fewer than :data:`MIN_TRAIN` images.
     Raises ValueError for a run folder (export it first: it has no ensemble meta).
     """
-    from bonefrac.inference.model_folder import META_NAME, ModelFolder
-    from bonefrac.utils import write_json
+    from bonefrac.inference.model_folder import ModelFolder, write_meta
 
     folder = ModelFolder.open(model_dir)
     if folder.is_run:
@@ -121,15 +120,15 @@ def fit_folder_gate(model_dir: str | Path, index, *, backend: str = "auto",
     meta = folder.meta
     meta.pop("domain_gate_skipped", None)
     meta.pop("domain_gate", None)  # the old gate goes first: a stale or broken one must not
-    write_json(folder.root / META_NAME, meta)  # stop the model loading for its refit
+    write_meta(folder.root, meta)  # stop the model loading for its refit
     if len(train) < MIN_TRAIN:
         meta["domain_gate_skipped"] = (f"training split of {index.root} has {len(train)} "
                                        f"images (< {MIN_TRAIN}): too few for a domain gate")
-        write_json(folder.root / META_NAME, meta)
+        write_meta(folder.root, meta)
         return {"skipped": meta["domain_gate_skipped"]}
     ens = Ensemble.load(folder.root, backend=backend)
     entry = fit_model_gate(ens, train, val, folder.root, features, **kwargs)
     entry["fitted_on"] = {"data": str(index.root), "data_fingerprint": index.fingerprint()}
     meta["domain_gate"] = entry
-    write_json(folder.root / META_NAME, meta)
+    write_meta(folder.root, meta)
     return entry

@@ -177,8 +177,8 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
         "split_source": index.source, "n": int(len(so.y)),
         "threshold": ens.threshold, "threshold_refit_on_this_data": bool(refit),
         "metrics": metrics, "operating_points": ops, "calibration": calibration,
-        "members": {n: binary_metrics(so.y, q, ens.members[i].spec.get("threshold",
-                                                                        ens.threshold))
+        "members": {n: binary_metrics(so.y, q, _own_threshold(ens.members[i],
+                                                                       ens.threshold))
                     for i, (n, q) in enumerate(probs.items())} if is_ens else {},
         "skipped": [{"file": f, "reason": r} for f, r in so.skipped],
         "disclaimer": DISCLAIMER,
@@ -419,7 +419,7 @@ def _estimable_only(m: dict) -> dict:
 def _write_curves(ens: Ensemble, model_dir: Path, res: Path, prefix: bool) -> None:
     """accuracy.png / loss.png per member from its saved training history."""
     for m in ens.members:
-        hist_file = model_dir / m.spec.get("history", "history.json")
+        hist_file = model_dir / (m.spec.history or "history.json")
         if not hist_file.is_file():
             continue
         hist = json.loads(hist_file.read_text())
@@ -427,4 +427,8 @@ def _write_curves(ens: Ensemble, model_dir: Path, res: Path, prefix: bool) -> No
         for key in ("accuracy", "loss"):
             plots.plot_curve(hist, key, res / f"{pre}{key}.png", f"{m.name}: {key}")
 
+
+def _own_threshold(m, default: float) -> float:
+    """A member's own threshold (its spec's), else the model's."""
+    return default if m.spec.threshold is None else m.spec.threshold
 

@@ -18,6 +18,7 @@ from bonefrac.evaluation.calibration import (
 from bonefrac.evaluation.metrics import brier_score, expected_calibration_error, log_loss, roc_auc
 from bonefrac.evaluation.thresholds import DEFAULT_POLICY, choose_threshold
 from bonefrac.inference.calibration import fuse
+from bonefrac.inference.operating_points import OperatingPoint, OperatingPoints
 
 # The two named operating points shipped with every model, as in commercial fracture-AI products.
 OPERATING_POLICIES = {
@@ -35,6 +36,19 @@ def weight_grid(names: list[str], step: float = 0.05) -> list[dict[str, float]]:
             ws = [c / n for c in combo] + [(n - sum(combo)) / n]
             out.append(dict(zip(names, ws, strict=True)))
     return out
+
+
+def fit_operating_points(y_val: np.ndarray, p_val: np.ndarray, policy: str = DEFAULT_POLICY
+                         ) -> tuple[OperatingPoints, str]:
+    """The decision rule fitted on VALIDATION labels ``(N,)`` and fused P ``(N,)``: the default
+    threshold by ``policy`` and the named points of ``OPERATING_POLICIES``; with how the
+    default was chosen."""
+    threshold, note = choose_threshold(y_val, p_val, policy)
+    points = {}
+    for name, (pol, desc) in OPERATING_POLICIES.items():
+        t, how = choose_threshold(y_val, p_val, pol)
+        points[name] = OperatingPoint(float(t), pol, desc, how)
+    return OperatingPoints(float(threshold), points), note
 
 
 def fit_on_validation(y_val: np.ndarray, logits_val: dict[str, np.ndarray], *,
@@ -72,11 +86,7 @@ def fit_on_validation(y_val: np.ndarray, logits_val: dict[str, np.ndarray], *,
         temps = fit_fused_temperatures(logits_val, y_val, weights) if calibrate else temps
         cal = {n: calibrated_prob(logits_val[n], temps[n]) for n in names}
     fused_raw, fused = fuse(raw, weights), fuse(cal, weights)
-    threshold, note = choose_threshold(y_val, fused, policy)
-    ops = {}
-    for name, (pol, desc) in OPERATING_POLICIES.items():
-        t, n = choose_threshold(y_val, fused, pol)
-        ops[name] = {"threshold": t, "policy": pol, "description": desc, "chosen_how": n}
+    points, note = fit_operating_points(y_val, fused, policy)
 
     def calib(p):
         return {"ece_15": expected_calibration_error(y_val, p), "brier": brier_score(y_val, p),
@@ -84,8 +94,8 @@ def fit_on_validation(y_val: np.ndarray, logits_val: dict[str, np.ndarray], *,
 
     return {
         "temperatures": temps, "weights": weights, "weights_how": how,
-        "threshold": threshold, "threshold_policy": policy, "threshold_how": note,
-        "operating_points": ops,
+        "threshold": points.default, "threshold_policy": policy, "threshold_how": note,
+        "operating_points": points.to_meta()["operating_points"],
         "validation": {"n": int(len(y_val)), "n_positive": int(np.sum(y_val)),
                        "auc": roc_auc(y_val, fused),
                        "calibration_before": calib(fused_raw), "calibration_after": calib(fused),

@@ -23,6 +23,7 @@ from pathlib import Path
 from bonefrac import CLASSES, DISCLAIMER, FRACTURE_MAP, InputError, __version__
 from bonefrac.evaluation.report import METRIC_ROWS
 from bonefrac.inference.model_folder import ModelFolder, member_heatmap
+from bonefrac.inference.spec import MemberSpec
 from bonefrac.utils import write_text
 
 # Data sets whose provenance we have checked, keyed by a marker found in the data folder's
@@ -437,11 +438,12 @@ def explanation(meta: dict) -> str:
 
 
 def input_square(spec: dict) -> str:
-    """``320 px letterbox (aspect kept, black bars)`` from a member's preprocessing."""
-    prep = spec.get("preprocessing", {})
-    how = {"letterbox": "letterbox (aspect kept, black bars)"}.get(
-        prep.get("resize", "stretch"), "stretched to a square")
-    return f"{prep.get('size')} px {how}"
+    """``320 px letterbox (aspect kept, black bars)`` from a member's preprocessing (its
+    entry in a meta read through the spec, so ``resize`` is always there)."""
+    prep = MemberSpec.from_dict(spec).preprocessing
+    how = {"letterbox": "letterbox (aspect kept, black bars)",
+           "stretch": "stretched to a square"}[prep.resize]
+    return f"{prep.size} px {how}"
 
 
 def gate_line(gate: dict | None) -> str:

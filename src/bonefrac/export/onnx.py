@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from bonefrac.inference.ensemble import Ensemble
-from bonefrac.inference.model_folder import META_NAME, ModelFolder
+from bonefrac.inference.model_folder import ModelFolder, write_meta
 from bonefrac.models.net import FractureNet
-from bonefrac.utils import publish, sha256_file, write_json
+from bonefrac.utils import publish, sha256_file
 
 OPSET = 17
 
@@ -73,5 +73,5 @@ def export_model(model_dir: str | Path, out: str | Path) -> Path:
     if gate and (src / gate["file"]).resolve() != (out / gate["file"]).resolve():
         shutil.copy2(src / gate["file"], out / gate["file"])
     meta["format"] = "bonefrac-ensemble/1"
-    write_json(out / META_NAME, meta)
+    write_meta(out, meta)
     return out

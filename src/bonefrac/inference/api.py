@@ -31,7 +31,6 @@ from bonefrac.inference.predict import (
     DEFAULT_BATCH,
     FILE_CHECKS,
     decoded_warning,
-    operating_point_names,
     predict_decoded,
 )
 from bonefrac.utils import display_path
@@ -141,8 +140,7 @@ class Model:
     @property
     def operating_points(self) -> dict[str, float]:
         """``{"default": t, "triage": t, "confirmation": t}``: the ``operating_point`` values."""
-        ops = self.ensemble.operating_points
-        return {"default": self.threshold, **{k: float(v["threshold"]) for k, v in ops.items()}}
+        return self.ensemble.points.thresholds()
 
     @property
     def gate_note(self) -> str:
@@ -166,11 +164,10 @@ class Model:
                 ``--no-gate``); they still carry ``domain_score`` and ``warning``.
         Raises:
             ImageReadError: a file cannot be read (``.reason`` says why).
-            ValueError: an array of the wrong shape or dtype, an unknown operating point.
+            ValueError: an array of the wrong shape or dtype; ``UnknownOperatingPoint`` (a
+                ValueError) for an operating point the model does not have.
         """
-        if operating_point not in (None, *operating_point_names(self.ensemble)):
-            raise InputError(f"unknown operating point {operating_point!r}; this model has: "
-                             f"{', '.join(operating_point_names(self.ensemble))}")
+        self.ensemble.points.check(operating_point)
         single = isinstance(x, str | os.PathLike | np.ndarray)
         items = [x] if single else list(x)
         if batch_size < 1:
@@ -202,7 +199,7 @@ class Model:
         return results
 
 
-def _decode_item(item: ImageLike, index: int, sizes: Sequence[int], resize: str = "stretch",
+def _decode_item(item: ImageLike, index: int, sizes: Sequence[int], resize: str,
                  display: bool = False) -> tuple[str, Decoded, str]:
     """(file name for the row, the decoded item, warning) for a path or an array.
 

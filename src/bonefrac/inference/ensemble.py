@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,10 @@ from bonefrac.inference.model_folder import (
     META_NAME,
     ModelFileError,
     ModelFolder,
-    member_heatmap,
     run_meta_as_ensemble,
 )
+from bonefrac.inference.operating_points import OperatingPoints
+from bonefrac.inference.spec import MemberSpec, ModelSpec
 
 # META_NAME, ModelFileError, fuse and run_meta_as_ensemble are re-exported: callers have always
 # imported them from this module.
@@ -42,16 +43,16 @@ class Member:
     name: str
     arch: str
     preprocessing: Preprocessing
-    temperature: float = 1.0
-    weight: float = 1.0
-    spec: dict = field(default_factory=dict)  # the member's entry in the meta, as stored
+    temperature: float
+    weight: float
+    spec: MemberSpec  # the member's entry in the model's spec
     runner: object = None  # OnnxRunner or bonefrac.models.torch_runner.TorchRunner
 
     @property
     def heatmap(self) -> str:
         """What the member's map output is: ``FRACTURE_MAP`` (a trained per-cell P(fracture),
         box-supervised) or ``GRADCAM`` (closed-form Grad-CAM of the fracture logit)."""
-        return member_heatmap(self.spec)
+        return self.spec.heatmap
 
 
 @dataclass
@@ -71,12 +72,15 @@ class Prediction:
 
 
 class Ensemble:
-    def __init__(self, members: list[Member], meta: dict, root: Path):
+    """Loaded members and the model's spec; ``points`` is the decision rule
+    (:class:`OperatingPoints`), ``meta`` the spec as its JSON dict (read-only)."""
+
+    def __init__(self, members: list[Member], spec: ModelSpec, root: Path):
         self.members = members
-        self.meta = meta
+        self.spec = spec
+        self.meta = spec.to_dict()
         self.root = root
-        self.threshold = float(meta["threshold"])
-        self.operating_points: dict[str, dict] = meta.get("operating_points", {})
+        self.points: OperatingPoints = spec.points
         # The input-domain gate (bonefrac.inference.domain): None with gate_note saying why.
         # gate_enabled False (--no-gate) keeps scores and warnings but not "uncertain".
         self.gate: DomainGate | None = None
@@ -97,8 +101,8 @@ class Ensemble:
         """
         folder = ModelFolder.open(path)
         members = [_load_member(folder, spec, backend, threads, verify)
-                   for spec in folder.members]
-        ens = cls(members, folder.meta, folder.root)
+                   for spec in folder.spec.members]
+        ens = cls(members, folder.spec, folder.root)
         fuse({m.name: np.zeros(1) for m in members}, ens.weights)  # validates the weights
         ens.gate, ens.gate_note = load_gate(
             folder.root, folder.meta,
@@ -108,12 +112,26 @@ class Ensemble:
         return ens
 
     @property
+    def threshold(self) -> float:
+        """The default decision threshold (``points.default``)."""
+        return self.points.default
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:  # an evaluation that re-tunes it on its data
+        self.points = self.points.replace_default(value)
+
+    @property
+    def operating_points(self) -> dict[str, dict]:
+        """The named points as the meta stores them (``points`` is the decision rule)."""
+        return {k: p.to_dict() for k, p in self.points.points.items()}
+
+    @property
     def weights(self) -> dict[str, float]:
         return {m.name: m.weight for m in self.members}
 
     @property
     def model_id(self) -> str:
-        return str(self.meta.get("model_id", self.root.name))
+        return self.spec.model_id
 
     @property
     def sizes(self) -> set[int]:
@@ -179,10 +197,10 @@ class Ensemble:
         return Prediction(prob, probs, cam, localise(cam, None if supervised else prob),
                           domain)
 
-    def decide(self, prob: np.ndarray | float, point: str | None = None):
-        """True where P(fractured) >= the threshold (default or a named operating point)."""
-        t = self.threshold if point is None else self.operating_points[point]["threshold"]
-        return np.asarray(prob) >= t
+    def decide(self, prob: np.ndarray | float, point: str | None = None) -> np.ndarray:
+        """True where P(fractured) >= the threshold of ``point`` (:meth:`OperatingPoints.
+        decide`)."""
+        return self.points.decide(prob, point)
 
 
 def _member_map(m: Member, cam: np.ndarray) -> np.ndarray:
@@ -199,19 +217,19 @@ def _normalise_cam(cam: np.ndarray) -> np.ndarray:
     return np.where(hi > 0, cam / np.where(hi > 0, hi, 1), 0.0)
 
 
-def _load_member(folder: ModelFolder, spec: dict, backend: str, threads: int | None,
+def _load_member(folder: ModelFolder, spec: MemberSpec, backend: str, threads: int | None,
                  verify: bool) -> Member:
     """One member with its runner: ONNX where asked for (or, with ``auto``, where exported),
     else torch, which a light install lacks: then the message says how to get ONNX."""
-    use_onnx = backend == "onnx" or (backend == "auto" and bool(spec.get("onnx")))
+    use_onnx = backend == "onnx" or (backend == "auto" and bool(spec.onnx))
     if not use_onnx and importlib.util.find_spec("torch") is None:
         raise ModelFileError(
-            f"{folder.root}: member {spec['name']} has no ONNX export and torch is not "
+            f"{folder.root}: member {spec.name} has no ONNX export and torch is not "
             f"installed. Export it once with `bonefrac export --model {folder.root} --out "
             f"{folder.root}` (needs pip install -e '.[train]'), then predict without torch.")
     f = folder.member_file(spec, "onnx" if use_onnx else "weights", verify)
-    m = Member(spec["name"], spec["arch"], Preprocessing.from_dict(spec["preprocessing"]),
-               float(spec.get("temperature", 1.0)), float(spec.get("fusion_weight", 1.0)), spec)
+    m = Member(spec.name, spec.arch, spec.preprocessing, spec.temperature, spec.fusion_weight,
+               spec)
     try:
         if use_onnx:
             from bonefrac.inference.runners import OnnxRunner
@@ -220,7 +238,7 @@ def _load_member(folder: ModelFolder, spec: dict, backend: str, threads: int | N
         else:  # the torch backend: imported only here, so inference stays torch-free
             from bonefrac.models.torch_runner import TorchRunner
 
-            m.runner = TorchRunner.from_spec(folder.root, spec)
+            m.runner = TorchRunner.from_spec(f, spec)
     except ModelFileError:
         raise
     except Exception as e:  # a corrupt file that still matched no checksum

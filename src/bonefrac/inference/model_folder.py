@@ -13,16 +13,24 @@ error messages and the sha256 check the same everywhere.
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonefrac import GRADCAM, BonefracError
+# The spec's names are re-exported: callers have always imported them from this module.
+from bonefrac.inference.spec import (  # noqa: F401
+    META_NAME,
+    RUN_META,
+    MemberSpec,
+    ModelFileError,
+    ModelSpec,
+    migrate,
+    read_json,
+    run_spec,
+)
 from bonefrac.utils import sha256_file
 
-META_NAME = "ensemble_meta.json"
-RUN_META = "model.json"
 ENSEMBLE, RUN = "ensemble", "run"
 
 # The models shipped inside the package, and the short names the CLI's --model and
@@ -47,10 +55,6 @@ def resolve_model(value: str | os.PathLike | None) -> Path:
     return Path(value)
 
 
-class ModelFileError(BonefracError):
-    """A model folder or file that is missing, tampered with or malformed."""
-
-
 def model_kind(path: str | os.PathLike) -> str | None:
     """``"ensemble"``, ``"run"`` or None (not a model folder), from the files present alone."""
     root = Path(path)
@@ -59,14 +63,6 @@ def model_kind(path: str | os.PathLike) -> str | None:
     if (root / RUN_META).is_file():
         return RUN
     return None
-
-
-def read_json(path: Path) -> dict:
-    """A model's JSON file; anything unreadable is a :class:`ModelFileError` naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelFileError(f"{path}: unreadable ({e})") from None
 
 
 def check_file(path: Path, sha256: str | None) -> None:
@@ -82,56 +78,36 @@ def check_file(path: Path, sha256: str | None) -> None:
 
 
 def run_meta_as_ensemble(run: Path) -> dict:
-    """The ``model.json`` of a training run, seen as a one-member ensemble meta."""
-    mj = read_json(run / RUN_META)
-    try:
-        return _run_meta(run, mj)
-    except (KeyError, TypeError) as e:
-        raise ModelFileError(f"{run / RUN_META}: not a bonefrac run file (missing {e})") from None
-
-
-def _run_meta(run: Path, mj: dict) -> dict:
-    return {
-        "format": "bonefrac-run/1", "model_id": f"{mj['arch']}:{run.name}",
-        "threshold": mj.get("threshold", 0.5),
-        "threshold_note": mj.get("threshold_note", "default 0.5 (no validation threshold)"),
-        "operating_points": mj.get("operating_points", {}),
-        **{k: mj[k] for k in ("threshold_policy", "threshold_how", "fitted_on", "validation")
-           if k in mj},
-        "members": [{"name": mj["arch"], "arch": mj["arch"], "weights": mj["weights_file"],
-                     "weights_sha256": mj.get("weights_sha256"), "config": mj,
-                     "preprocessing": mj["preprocessing"],
-                     "temperature": mj.get("temperature", 1.0), "fusion_weight": 1.0,
-                     "threshold": mj.get("threshold", 0.5),
-                     "history": "history.json" if (run / "history.json").is_file() else None}],
-    }
+    """The ``model.json`` of a training run, seen as a one-member ensemble meta (a dict)."""
+    return run_spec(run).to_dict()
 
 
 @dataclass(frozen=True)
 class ModelFolder:
-    """A model folder opened and read: its kind and its (ensemble-shaped) meta.
+    """A model folder opened and read: its kind and its typed :class:`ModelSpec`.
 
-    ``meta`` is read fresh on every :meth:`open`, so callers may change their copy (export
-    does) without touching anyone else's.
+    ``meta`` is the spec as a JSON dict, made fresh on every :meth:`open`, so callers may
+    change their copy (and write it back with :func:`write_meta`) without touching anyone
+    else's.
     """
 
     root: Path
     kind: str  # ENSEMBLE or RUN
+    spec: ModelSpec
     meta: dict
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ModelFolder:
         """Read the folder's meta (``path``: a folder, or a short name of
-        :func:`resolve_model`). Raises :class:`ModelFileError` if it is not a model folder or
-        its meta file is unreadable."""
+        :func:`resolve_model`), migrated to the current spec. Raises :class:`ModelFileError`
+        if it is not a model folder or its meta file is unreadable or malformed."""
         root = resolve_model(path)
         kind = model_kind(root)
-        if kind == ENSEMBLE:
-            return cls(root, kind, read_json(root / META_NAME))
-        if kind == RUN:
-            return cls(root, kind, run_meta_as_ensemble(root))
-        raise ModelFileError(f"{root}: no {META_NAME} or {RUN_META} - not a bonefrac model "
-                             "folder")
+        if kind is None:
+            raise ModelFileError(f"{root}: no {META_NAME} or {RUN_META} - not a bonefrac model "
+                                 "folder")
+        spec = ModelSpec.read(root)
+        return cls(root, kind, spec, spec.to_dict())
 
     @property
     def is_run(self) -> bool:
@@ -139,21 +115,38 @@ class ModelFolder:
 
     @property
     def members(self) -> list[dict]:
+        """The members as JSON dicts (``self.spec.members`` are the typed ones)."""
         return self.meta["members"]
 
-    def member_file(self, spec: dict, key: str, verify: bool = True) -> Path:
+    def member_file(self, member: MemberSpec | Mapping, key: str, verify: bool = True) -> Path:
         """The member's ``key`` file (``"onnx"`` or ``"weights"``), checked against the sha256
-        recorded beside it unless ``verify`` is False."""
-        if not spec.get(key):
+        recorded beside it unless ``verify`` is False. ``member``: a :class:`MemberSpec` or
+        its dict (``self.members``). The path may name a file in a sibling folder
+        (``../ensemble_bone-fracture_v1/mobilenetv2.onnx``: weights stored once), nothing
+        further away and never an absolute one."""
+        m = member if isinstance(member, MemberSpec) else self.spec.member(member["name"])
+        name = getattr(m, key)
+        if not name:
             hint = " (export it with `bonefrac export`)" if key == "onnx" else ""
-            raise ModelFileError(f"{self.root}: member {spec['name']} has no {key} file{hint}")
-        path = self.root / spec[key]
-        check_file(path, spec.get(f"{key}_sha256") if verify else None)
+            raise ModelFileError(f"{self.root}: member {m.name} has no {key} file{hint}")
+        path = self.root / name
+        if Path(name).is_absolute() or not path.resolve().is_relative_to(
+                self.root.resolve().parent):
+            raise ModelFileError(f"{self.root}: member {m.name}: {key} {name!r} must be a "
+                                 "path inside the model folder or a sibling of it")
+        check_file(path, getattr(m, f"{key}_sha256") if verify else None)
         return path
 
 
-def member_heatmap(spec: dict) -> str:
-    """What a member's map output is, from its entry in the meta: ``FRACTURE_MAP`` (a trained
-    per-cell P(fracture), box-supervised) or ``GRADCAM`` (closed-form Grad-CAM of the fracture
-    logit; models from before v2 record nothing)."""
-    return spec.get("heatmap") or spec.get("config", {}).get("heatmap", GRADCAM)
+def write_meta(root: str | os.PathLike, meta: Mapping | ModelSpec) -> Path:
+    """Write ``root/ensemble_meta.json`` from a spec or its dict, checked by the spec (the one
+    writer of the file); returns its path."""
+    spec = meta if isinstance(meta, ModelSpec) else ModelSpec.from_dict(
+        migrate(meta, Path(root) / META_NAME), str(Path(root) / META_NAME))
+    return spec.write(root)
+
+
+def member_heatmap(spec: Mapping | MemberSpec) -> str:
+    """What a member's map output is (:attr:`MemberSpec.heatmap`), from its typed spec or its
+    entry in the meta."""
+    return (spec if isinstance(spec, MemberSpec) else MemberSpec.from_dict(spec)).heatmap

@@ -45,6 +45,7 @@ from bonefrac.inference.domain import (
 )
 from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.localise import Localisation
+from bonefrac.inference.operating_points import DEFAULT_POINT  # noqa: F401 (re-exported)
 from bonefrac.inference.runners import default_threads
 from bonefrac.utils import display_path, write_json, write_text
 
@@ -52,8 +53,6 @@ from bonefrac.utils import display_path, write_json, write_text
 PREDICT_SUFFIXES = IMAGE_SUFFIXES | {""}
 DEFAULT_BATCH = 8
 FORMAT = "bonefrac-predictions/1"
-# The operating point named "default": the model's own decision threshold.
-DEFAULT_POINT = "default"
 
 
 @dataclass
@@ -138,7 +137,7 @@ def decoded_warning(d: Decoded, size: int) -> str:
     return "; ".join(filter(None, [d.notes, blank_check(d.inputs[size])]))
 
 
-def _decode(path: Path, sizes: Sequence[int], resize: str = "stretch", *,
+def _decode(path: Path, sizes: Sequence[int], resize: str, *,
             display: bool = False, pool: DecodePool | None = None
             ) -> tuple[Decoded | None, str]:
     """``(Decoded, '')`` or ``(None, reason)``; never raises. The file is decoded (with the
@@ -335,23 +334,17 @@ def loc_fields(loc: Localisation, i: int) -> dict[str, float]:
 
 
 def operating_point_names(ens: Ensemble) -> tuple[str, ...]:
-    """The values ``point`` may take: ``"default"`` and the model's named operating points."""
-    return (DEFAULT_POINT, *ens.operating_points)
+    """The values ``point`` may take (:attr:`OperatingPoints.names`)."""
+    return ens.points.names
 
 
 def decision_threshold(ens: Ensemble, point: str | None = None) -> float:
-    """The threshold that drives ``decision``: the model's default threshold (``point`` None
-    or ``"default"``) or that of the named operating point (``"triage"``, ``"confirmation"``).
+    """The threshold that drives ``decision`` (:meth:`OperatingPoints.threshold`).
 
     Raises:
-        ValueError: the model has no operating point of that name.
+        UnknownOperatingPoint: (a ValueError) the model has no operating point of that name.
     """
-    if point is None or point == DEFAULT_POINT:
-        return float(ens.threshold)
-    if point not in ens.operating_points:
-        raise InputError(f"unknown operating point {point!r}; this model has: "
-                         f"{', '.join(operating_point_names(ens))}")
-    return float(ens.operating_points[point]["threshold"])
+    return ens.points.threshold(point)
 
 
 def decision_confidence(prob: float, fractured: bool, uncertain: bool = False) -> float | None:
@@ -386,8 +379,8 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
       Any note makes ``decision`` "uncertain" when ``gate`` is on; ``decision_<name>`` keep
       the model's answer at each point.
     """
-    threshold = decision_threshold(ens, point)
-    decision = bool(prob >= threshold)
+    threshold = ens.points.threshold(point)
+    decision = bool(ens.points.decide(prob, point))
     warning = row_gate([warning], domain_score)
     row = {"file": display_path(path), "prob_fractured": round(float(prob), 6)}
     row.update({f"prob_{k}": round(float(v), 6) for k, v in member_probs.items()})
@@ -395,8 +388,8 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
         "decision": UNCERTAIN if gate and warning else CLASSES[int(decision)],
         "confidence": decision_confidence(prob, decision, gate and bool(warning)),
         "threshold": round(threshold, 6)})
-    for name, op in ens.operating_points.items():
-        row[f"decision_{name}"] = CLASSES[int(prob >= op["threshold"])]
+    for name in ens.points.points:
+        row[f"decision_{name}"] = CLASSES[int(ens.points.decide(prob, name))]
     row.update(loc or {})
     row["domain_score"] = None if domain_score is None else round(float(domain_score), 4)
     row.update({"model_id": ens.model_id, "version": __version__, "warning": warning})
@@ -409,8 +402,7 @@ def model_fingerprint(ens: Ensemble) -> str:
     runs with the same fingerprint give the same rows (``--resume``, merging)."""
     keys = ("name", "onnx_sha256", "weights_sha256", "temperature", "fusion_weight")
     spec = {"members": [{k: m.get(k) for k in keys} for m in ens.meta["members"]],
-            "threshold": ens.threshold,
-            "operating_points": {k: v["threshold"] for k, v in ens.operating_points.items()}}
+            "threshold": ens.threshold, "operating_points": ens.points.named_thresholds()}
     if ens.meta.get("domain_gate"):  # models without a gate keep their fingerprint
         spec["domain_gate"] = [ens.meta["domain_gate"].get("sha256"), ens.gate is not None,
                                ens.gate_enabled]
@@ -432,9 +424,9 @@ def model_info(ens: Ensemble, point: str | None = None) -> dict:
     operating point drove ``decision`` (``operating_point``, ``decision_threshold``)."""
     return {"model_id": ens.model_id, "model_fingerprint": model_fingerprint(ens),
             "version": __version__, "threshold": ens.threshold,
-            "operating_points": {k: v["threshold"] for k, v in ens.operating_points.items()},
-            "fusion_weights": ens.weights, "operating_point": point or DEFAULT_POINT,
-            "decision_threshold": decision_threshold(ens, point), "domain_gate": gate_info(ens)}
+            "operating_points": ens.points.named_thresholds(),
+            "fusion_weights": ens.weights, "operating_point": ens.points.check(point),
+            "decision_threshold": ens.points.threshold(point), "domain_gate": gate_info(ens)}
 
 
 def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, complete: bool = True,

@@ -83,7 +83,9 @@ def efficientnet_lite0(weights: str | None = "imagenet") -> Backbone:
     blocks = [nn.Sequential(net.conv_stem, net.bn1)]
     blocks += [b for stage in net.blocks for b in stage]
     blocks.append(nn.Sequential(net.conv_head, net.bn2))
-    return Backbone(blocks, net.num_features, Preprocessing(224, SYMMETRIC_MEAN, SYMMETRIC_STD),
+    # The backbone's own ImageNet input (224 px, stretched); training sets the run's.
+    return Backbone(blocks, net.num_features,
+                    Preprocessing(224, SYMMETRIC_MEAN, SYMMETRIC_STD, "stretch"),
                     "ImageNet-1k (efficientnet-lite0-57934424, via timm)" if weights else "random")
 
 
@@ -108,5 +110,7 @@ def efficientnet_b0(weights: str | None = "imagenet") -> Backbone:
         net.load_state_dict(read_state_dict(weights), strict=True)
     blocks = [net.features[0], *[b for stage in net.features[1:8] for b in stage],
               net.features[8]]
-    return Backbone(blocks, 1280, Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD),
+    # The backbone's own ImageNet input (224 px, stretched); training sets the run's.
+    return Backbone(blocks, 1280,
+                    Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, "stretch"),
                     "ImageNet-1k (torchvision efficientnet_b0)" if weights else "random")

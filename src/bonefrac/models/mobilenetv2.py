@@ -28,5 +28,7 @@ def imagenet_mobilenet_v2(weights: str | None = "imagenet"):
 def mobilenetv2(weights: str | None = "imagenet") -> Backbone:
     net = imagenet_mobilenet_v2(weights)
     # features[0] is the stem, [1..17] the inverted-residual blocks, [18] the 1x1 conv to 1280.
-    return Backbone(list(net.features), 1280, Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD),
+    # The backbone's own ImageNet input (224 px, stretched); training sets the run's.
+    return Backbone(list(net.features), 1280,
+                    Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, "stretch"),
                     "ImageNet-1k (torchvision mobilenet_v2-b0353104)" if weights else "random")

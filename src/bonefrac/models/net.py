@@ -122,20 +122,21 @@ class FractureNet(nn.Module):
         return self.features[:k], self.features[k:]
 
 
-def save_run_model(model: FractureNet, path: Path, extra_meta: dict | None = None) -> None:
-    """Weights as safetensors + ``model.json`` (arch, head, preprocessing) beside them."""
+def save_run_model(model: FractureNet, path: Path, extra_meta: dict | None = None) -> dict:
+    """Weights as safetensors at ``path``; returns the run's ``model.json`` content (arch,
+    head, preprocessing), which the caller writes with
+    :func:`bonefrac.inference.spec.write_run_meta` (the one writer of the file)."""
     from bonefrac.models.weights import save_tensors
-    from bonefrac.utils import write_json
 
     save_tensors(model.state_dict(), path)
-    meta = {**model.config, "preprocessing": model.preprocessing.to_dict(),
+    return {**model.config, "preprocessing": model.preprocessing.to_dict(),
             "weights_file": path.name, **(extra_meta or {})}
-    write_json(path.parent / "model.json", meta)
 
 
 def load_member(arch: str, config: dict, weights: str | Path,
-                preprocessing: dict) -> FractureNet:
-    """Rebuild a trained member from its config and safetensors weights (never pickle)."""
+                preprocessing: Preprocessing | dict) -> FractureNet:
+    """Rebuild a trained member from its config and safetensors weights (never pickle);
+    ``preprocessing``: the member's, whole (or its JSON dict)."""
     from safetensors.torch import load_file
 
     from bonefrac.models.registry import create_model
@@ -144,5 +145,6 @@ def load_member(arch: str, config: dict, weights: str | Path,
                          loc_head=bool(config.get("loc_head", False)))
     model.load_state_dict(load_file(str(weights)), strict=True)
     model.config["heatmap"] = config.get("heatmap", model.heatmap)
-    model.preprocessing = Preprocessing.from_dict(preprocessing)
+    model.preprocessing = (preprocessing if isinstance(preprocessing, Preprocessing)
+                           else Preprocessing.from_dict(preprocessing))
     return model.eval()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from bonefrac.models.net import FractureNet
+
+if TYPE_CHECKING:  # the models layer sits below inference: the spec is a type hint only
+    from bonefrac.inference.spec import MemberSpec
 
 
 class TorchRunner:
@@ -15,11 +19,12 @@ class TorchRunner:
         self.model = model.eval()
 
     @classmethod
-    def from_spec(cls, root: Path, spec: dict) -> TorchRunner:
+    def from_spec(cls, weights: Path, spec: MemberSpec) -> TorchRunner:
+        """The member ``spec`` describes, its weights read from ``weights`` (the file its
+        model folder resolved and verified)."""
         from bonefrac.models.net import load_member
 
-        return cls(load_member(spec["arch"], spec["config"], root / spec["weights"],
-                               spec["preprocessing"]))
+        return cls(load_member(spec.arch, spec.config, weights, spec.preprocessing))
 
     has_pooled = True
 

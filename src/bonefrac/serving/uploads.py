@@ -103,7 +103,7 @@ def check_upload(filename: str, f: BinaryIO, max_bytes: int) -> str:
 
 
 def decode_upload(filename: str, f: BinaryIO, sizes: Iterable[int], max_bytes: int, *,
-                  display: bool = False, resize: str = "stretch",
+                  resize: str, display: bool = False,
                   pool: DecodePool | None = None) -> tuple[Decoded, str]:
     """One upload -> (its :class:`~bonefrac.data.io.Decoded`: ``{size: (size, size) uint8}``
     for every model input size and, with ``display``, the image at its own size; warning).

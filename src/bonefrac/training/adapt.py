@@ -34,8 +34,9 @@ from bonefrac.evaluation.domain_fit import MIN_TRAIN, fit_folder_gate
 from bonefrac.evaluation.evaluate import evaluate_model
 from bonefrac.evaluation.metrics import wilson_ci
 from bonefrac.inference.domain import GATE_FILE
-from bonefrac.inference.model_folder import META_NAME, ModelFolder
-from bonefrac.utils import sha256_file, write_json
+from bonefrac.inference.model_folder import META_NAME, ModelFolder, write_meta
+from bonefrac.inference.spec import read_run_meta, write_run_meta
+from bonefrac.utils import sha256_file
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def adapt(model: str | Path, data: str | Path, out: str | Path, *,
     seconds = time.time() - t0
     meta = ModelFolder.open(out).meta
     meta["adapt"]["seconds"] = round(seconds, 1)
-    write_json(out / META_NAME, meta)
+    write_meta(out, meta)
     return {**record, "model_id": new_id, "seconds": seconds, "evaluation": result or None}
 
 
@@ -255,7 +256,7 @@ def _recalibrate(parent: ModelFolder, index: DatasetIndex, out: Path, new_id: st
     elif plan.gate == "none":
         meta["domain_gate_skipped"] = "too few site images to fit one, and the parent has none"
     meta.update(model_id=new_id, **record)
-    write_json(out / META_NAME, meta)
+    write_meta(out, meta)
     cal = pooled_index(index) if plan.calibration == "train+val" else index
     refit_on_validation(out, cal, fit_weights=fit_weights, policy=policy, backend="onnx")
     if plan.gate == "refit":
@@ -292,7 +293,7 @@ def _train_member(parent: ModelFolder, spec: dict, index: DatasetIndex, run: Pat
                      epochs_finetune=cfg.epochs, views=cfg.views, lr_finetune=cfg.lr,
                      unfreeze_blocks=cfg.unfreeze_blocks, batch_size=cfg.batch_size,
                      hidden=conf.get("hidden", 256), dropout=conf.get("dropout", 0.3),
-                     size=prep["size"], resize=prep.get("resize", "stretch"), seed=cfg.seed,
+                     size=prep["size"], resize=prep["resize"], seed=cfg.seed,
                      loc_weight=1.0 if has_loc and boxes else 0.0)
     print(f"adapting {spec['name']}: {cfg.epochs} epoch(s) at peak rate {cfg.lr} from "
           f"{parent.root.name}", flush=True)
@@ -326,7 +327,6 @@ def init_weights(parent: ModelFolder, spec: dict, tmp: Path, keep_loc: bool) -> 
 def restore_loc_head(run: Path, parent: ModelFolder, spec: dict) -> None:
     """Put the parent's fracture-map head into the adapted run (a site without boxes cannot
     train it; the fine-tuned top blocks move under it a little at the low adapt rate)."""
-    import json
 
     from safetensors.torch import load_file
 
@@ -336,7 +336,7 @@ def restore_loc_head(run: Path, parent: ModelFolder, spec: dict) -> None:
     new = load_file(str(run / "model.safetensors"))
     new.update({k: v for k, v in old.items() if k.startswith(LOC_PREFIX)})
     save_tensors(new, run / "model.safetensors")
-    mj = json.loads((run / "model.json").read_text())
+    mj = read_run_meta(run)
     mj.update(loc_head=True, heatmap=spec["config"].get("heatmap", "fracture_map"),
               loc_note="fracture-map head copied from the parent (the site has no boxes.csv)")
-    write_json(run / "model.json", mj)
+    write_run_meta(run, mj)

@@ -43,6 +43,7 @@ from bonefrac.data.boxes import cell_targets, dataset_boxes, read_boxes
 from bonefrac.data.dataset import DatasetIndex, DecodedSplit, decode_all, load_index
 from bonefrac.data.preprocess import Preprocessing, boxes_to_letterbox
 from bonefrac.evaluation.metrics import roc_auc
+from bonefrac.inference.spec import write_run_meta
 from bonefrac.models import create_model
 from bonefrac.models.net import FractureNet, save_run_model
 from bonefrac.models.weights import save_tensors
@@ -629,7 +630,7 @@ def _training_boxes(data: str | Path, cfg: TrainConfig) -> dict[str, np.ndarray]
     return boxes
 
 
-def _image_boxes(samples, boxes: dict[str, np.ndarray] | None, resize: str = "stretch",
+def _image_boxes(samples, boxes: dict[str, np.ndarray] | None, resize: str,
                  sizes: np.ndarray | None = None) -> tuple[list[np.ndarray] | None, np.ndarray]:
     """Per sample its boxes in the model input's frame (non-fractured: none) and whether the
     fracture map is scored on it: non-fractured images always (all-zero target), fractured ones
@@ -872,9 +873,9 @@ def _save_model(rs: RunSetup, index: DatasetIndex, t_start: float) -> float:
     rs.model.eval()
     elapsed = time.time() - t_start
     if rs.ctx.is_main:
-        save_run_model(rs.model, rs.run / "model.safetensors", {
+        write_run_meta(rs.run, save_run_model(rs.model, rs.run / "model.safetensors", {
             "classes": ["non_fractured", "fractured"], "positive_class": 1,
-            "train_seconds": round(elapsed, 1), "data_fingerprint": index.fingerprint()})
+            "train_seconds": round(elapsed, 1), "data_fingerprint": index.fingerprint()}))
         print(f"trained {rs.cfg.arch} in {elapsed / 60:.1f} min -> {rs.run}", flush=True)
     rs.ctx.barrier()  # the other ranks return once the model is written
     return elapsed
