@@ -224,3 +224,74 @@ def test_evaluate_of_a_shipped_model_defaults_outside_the_package(tmp_path, monk
     assert default_results_dir(SHIPPED_ENSEMBLE) == Path("Results") / SHIPPED_ENSEMBLE.name
     assert default_results_dir(tmp_path / "run") == tmp_path / "run" / "Results"
     assert not inside_package(ROOT / "tests")
+
+
+def test_studies_say_why_uncertain_and_carry_ids_only_when_asked(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    from pydicom.uid import generate_uid
+
+    from bonefrac.data.io import load_gray
+    from bonefrac.testing.dicom import write_dicom
+
+    d = tmp_path / "in"
+    d.mkdir()
+    study = generate_uid()
+    write_dicom(d / "a.dcm", load_gray(real_images(1)[0], None), StudyInstanceUID=study,
+                AccessionNumber="ACC123", PatientID="PAT9", BodyPartExamined="WRIST")
+    # the same study's second image is a CT slice: the gate flags its modality
+    write_dicom(d / "b.dcm", load_gray(real_images(2)[1], None), StudyInstanceUID=study,
+                AccessionNumber="ACC123", PatientID="PAT9", Modality="CT")
+    out = tmp_path / "out"
+    assert main(["predict", str(d), "--by-study", "--out", str(out), "--quiet",
+                 "--operating-point", "confirmation"]) == 0
+    (row,) = json.loads((out / "studies.json").read_text())["studies"]
+    assert "accession_number" not in row and "patient_id" not in row  # not unless asked
+    assert row["warning"].startswith(f"{d / 'b.dcm'}: ") and "CT" in row["warning"]
+    assert "ACC123" not in (out / "studies.csv").read_text()
+    ids = tmp_path / "ids"
+    assert main(["predict", str(d), "--by-study", "--study-ids", "--out", str(ids),
+                 "--quiet"]) == 0
+    with open(ids / "studies.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert list(row)[:3] == ["study_instance_uid", "accession_number", "patient_id"]
+    assert (row["accession_number"], row["patient_id"]) == ("ACC123", "PAT9")
+    capsys.readouterr()
+    assert main(["predict", str(d), "--study-ids", "--out", str(ids)]) == 1
+    assert capsys.readouterr().err == ("bonefrac predict: error: --study-ids goes with "
+                                       "--by-study (it adds columns to studies.csv)\n")
+
+
+def test_report_starts_with_a_plain_language_summary_and_explains_its_terms():
+    from bonefrac.evaluation.html_report import GLOSSARY, render_html
+    from bonefrac.evaluation.model_card import load_inputs
+
+    inp = load_inputs(SHIPPED_V2)
+    html, _ = render_html(inp)
+    mm = inp.metrics["metrics"]
+    miss, flag = (round(100 * (1 - mm[k]["value"])) for k in ("sensitivity", "specificity"))
+    sentence = (f"On the test split ({mm['n']} images), at the default point (threshold "
+                f"{mm['threshold']:.3f}) it misses about {miss} in 100 fractures and flags "
+                f"about {flag} in 100 normal images as fractured")
+    assert sentence in html
+    assert html.index("<h2>Summary</h2>") < html.index("<h2>Metrics")
+    for term, _ in GLOSSARY:
+        assert html.count(f"<dt>{term}</dt>") == 1
+    assert {"ECE", "Brier score, NLL", "Pointing game"} <= {t for t, _ in GLOSSARY}
+
+
+def test_explain_help_and_web_page_name_the_shipped_heat_map_kind():
+    from bonefrac import FRACTURE_MAP, GRADCAM
+    from bonefrac.cli.main import build_parser
+    from bonefrac.inference.model_folder import ModelFolder, member_heatmap
+
+    kinds = {n: {member_heatmap(s) for s in ModelFolder.open(n).members}
+             for n in ("ensemble", "ensemble-224", "baseline")}
+    assert kinds == {"ensemble": {FRACTURE_MAP}, "ensemble-224": {GRADCAM},
+                     "baseline": {GRADCAM}}
+    sub = build_parser("predict")._subparsers._group_actions[0].choices["predict"]
+    (explain,) = [a for a in sub._actions if "--explain" in a.option_strings]
+    assert "the shipped ensemble: its trained fracture map" in explain.help
+    assert "ensemble-224 and baseline: Grad-CAM" in explain.help
+    page = (ROOT / "src/bonefrac/serving/static/index.html").read_text()
+    assert "for the shipped model, its trained fracture map" in page
+    assert "Grad-CAM heat map overlay" not in page

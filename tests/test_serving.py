@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EXAMPLES, real_images
+from helpers import EXAMPLES, real_images, serving
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -28,6 +28,7 @@ from PIL import Image  # noqa: E402
 
 from bonefrac import DISCLAIMER  # noqa: E402
 from bonefrac.data.io import FORMATS, ImageReadError, load_gray  # noqa: E402
+from bonefrac.inference.detections import shown_detections  # noqa: E402
 from bonefrac.inference.ensemble import Ensemble  # noqa: E402
 from bonefrac.inference.heatmap import heatmap_png, map_opacity  # noqa: E402
 from bonefrac.serving import create_app  # noqa: E402
@@ -135,7 +136,8 @@ def test_explain_returns_the_heatmap(client, tiny_ensemble, how):
     png = base64.b64decode(p["heatmap_png_base64"])  # the box as in the row, like the CLI
     assert png == heatmap_png(own, want.cam[0], prob=float(want.prob[0]),
                               threshold=ens.threshold, decision=p["decision"],
-                              box=[p[k] for k in LOC[2:6]], peak=[p["peak_x"], p["peak_y"]])
+                              boxes=shown_detections(p, ens.box_threshold),
+                              peak=[p["peak_x"], p["peak_y"]])
     fig = Image.open(io.BytesIO(png))
     assert fig.mode == "RGB" and fig.width > own.shape[1] and fig.height > own.shape[0]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(
@@ -323,7 +325,23 @@ def test_422_empty_file(client):
 def test_422_missing_file_field(client):
     r = client.post("/v1/predict", data={"explain": "true"})
     assert r.status_code == 422
-    assert r.json() == {"detail": "file: Field required"}
+    assert r.json() == {"detail": "file: Field required (got form field 'explain'; send the "
+                                  "file as 'file')"}
+    r = client.post("/v1/predict")
+    assert r.json() == {"detail": "file: Field required (no form fields sent: send the file "
+                                  "as the multipart form field 'file')"}
+
+
+def test_422_wrong_form_field_names_the_field_it_got(client):
+    img = (IMAGES[0].name, IMAGES[0].read_bytes())
+    r = client.post("/v1/predict", files={"image": img})
+    assert r.status_code == 422
+    assert r.json() == {"detail": "file: Field required (got form field 'image'; send the "
+                                  "file as 'file')"}
+    r = client.post("/v1/predict/batch", files=[("file", img), ("file", img)])
+    assert r.status_code == 422
+    assert r.json() == {"detail": "files: Field required (got form field 'file'; send the "
+                                  "file as 'files')"}
 
 
 # ------------------------------------------------------------------------- 500, 503, 504
@@ -405,6 +423,17 @@ def test_health_openapi_and_offline_docs(client):
     assert client.get("/v1/nothing").status_code == 404
 
 
+def test_head_of_the_page_and_healthz_answers_200(tiny_ensemble):
+    """On a real server (uvicorn drops the body of a HEAD answer itself)."""
+    import httpx
+
+    with serving(create_app(tiny_ensemble)) as url:
+        for path in ("/", "/healthz"):
+            r = httpx.head(url + path, timeout=30)
+            assert r.status_code == 200 and r.content == b"", path
+            assert r.headers["x-content-type-options"] == "nosniff"
+
+
 def test_ui_is_served_and_loads_nothing_from_elsewhere(client):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
@@ -464,7 +493,10 @@ def test_serve_cli_errors_are_one_line(tmp_path, capsys, tiny_ensemble):
         port = taken.getsockname()[1]
         assert main(["serve", "--model", str(tiny_ensemble), "--port", str(port),
                      "--log-level", "critical"]) == 1
-    assert f"could not listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert out.err == (f"bonefrac serve: error: could not listen on 127.0.0.1:{port}: "
+                       "Address already in use\n")
+    assert out.out == ""  # failed before the URL (or the model) was printed
     with pytest.raises(SystemExit) as e:
         main(["serve", "--help"])
     assert e.value.code == 0 and "--max-upload-mb" in capsys.readouterr().out

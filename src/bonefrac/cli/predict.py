@@ -77,7 +77,9 @@ def add_arguments(p) -> None:
     add_model_arg(p)
     p.add_argument("--out", default="inference_outputs", help="output folder")
     p.add_argument("--explain", action="store_true",
-                   help="also write Grad-CAM heat-map overlays to OUT/heatmaps/")
+                   help="also write heat-map overlays to OUT/heatmaps/: the model's own map "
+                        "(the shipped ensemble: its trained fracture map; ensemble-224 and "
+                        "baseline: Grad-CAM), its box and peak, a colour bar and the decision")
     p.add_argument("--resume", action="store_true",
                    help="keep the predictions already in OUT/predictions.json (same model "
                         "required) and predict only the remaining files")
@@ -214,6 +216,7 @@ def _write_studies(out: Path, ckpt: Checkpoint, files: list[Path], info: dict,
 
     studies = study_rows(ckpt.res.rows, studies_of(files),
                          study_ids(files) if with_ids else None)
+
     write_studies(out, studies, info)
     print(f"{len(studies)} DICOM stud{'y' if len(studies) == 1 else 'ies'} -> {out}/studies.csv",
           file=sys.stderr)

@@ -3,13 +3,14 @@
 Security (``bonefrac.serving.security``): ``--token-file`` turns on Bearer tokens for every
 ``/v1/`` route, ``--tls-cert/--tls-key`` HTTPS (uvicorn's own TLS, with HSTS), ``--audit-log``
 a hash-chained record of every API request. A non-loopback ``--host`` needs a token file
-unless ``--insecure-no-auth`` says otherwise.
+unless ``--insecure-no-auth`` says otherwise. The port is bound before the model is loaded, so
+a busy port is a one-line error (exit 1); the uvicorn settings are ``serving.server``'s.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
-import os
 import ssl
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--queue", type=int, default=16,
                    help="further requests allowed to wait; beyond that the answer is 503")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--body-idle-timeout", type=float, default=10.0, metavar="S",
+                   help="longest pause within an upload (408 beyond); an upload is read "
+                        "whole before it takes a worker or queue place")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest file accepted")
     p.add_argument("--max-batch-files", type=int, default=16,
                    help="most files in one /v1/predict/batch request")
@@ -63,13 +67,43 @@ def add_security_arguments(p) -> None:
                         "PatientID, ...): only where your ethics approval allows it")
     g.add_argument("--audit-max-mb", type=float, default=64.0, metavar="MB",
                    help="rotate the audit log to FILE.<UTC time> beyond this size")
+    g.add_argument("--audit-keep", type=int, default=None, metavar="N",
+                   help="keep only the N newest rotated audit files, deleting older ones at "
+                        "rotation (disk use at most (N + 1) x --audit-max-mb); default: keep "
+                        "all")
+    g.add_argument("--audit-anchor-every", type=int, default=1000, metavar="N",
+                   help="every N audit lines, write the chain's head (seq and sha256) to the "
+                        "server log, to anchor it elsewhere (`bonefrac audit verify "
+                        "--expect-head`); 0: never")
     g.add_argument("--rate-limit", type=float, default=600.0, metavar="PER_MIN",
                    help="requests per minute per token (per address without one); 0: off")
     g.add_argument("--rate-burst", type=int, default=60, metavar="N",
                    help="requests a client may send at once before --rate-limit applies")
+    g.add_argument("--client-concurrency", type=int, default=8, metavar="N",
+                   help="API requests one token (one address without tokens) may have in "
+                        "flight at once; beyond that 429; 0: no limit")
+    g.add_argument("--public-concurrency", type=int, default=16, metavar="N",
+                   help="requests one address may have in flight at once on the page, "
+                        "/docs and /healthz; 0: no limit")
+    g.add_argument("--trusted-proxy", action="append", default=[], type=_proxy_address,
+                   metavar="ADDR",
+                   help="a reverse proxy's address or network (e.g. 10.0.0.5, 10.0.0.0/24) "
+                        "whose X-Forwarded-For / -Proto headers are believed; repeat for "
+                        "several; default: none (the TCP peer is the client)")
     g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://viewer.example.org) call "
                         "the API; repeat for several; default: CORS off")
+
+
+def _proxy_address(text: str) -> str:
+    """An argparse type: an IP address or network (no '*': trusting every peer is the
+    spoofing this option exists to prevent)."""
+    try:
+        return str(ipaddress.ip_network(text, strict=False)) if "/" in text else \
+            str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or network "
+                                         "(e.g. 10.0.0.5 or 10.0.0.0/24)") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -107,6 +141,12 @@ def check_security(args) -> None:
         raise CLIError("--rate-limit must be >= 0 and --rate-burst >= 1")
     if args.audit_max_mb * 2**20 < 4096:
         raise CLIError("--audit-max-mb must be at least 0.004 (4 KiB)")
+    if min(args.client_concurrency, args.public_concurrency, args.audit_anchor_every) < 0 \
+            or (args.audit_keep is not None and args.audit_keep < 0):
+        raise CLIError("--client-concurrency, --public-concurrency, --audit-keep and "
+                       "--audit-anchor-every must be >= 0")
+    if not args.body_idle_timeout > 0:
+        raise CLIError("--body-idle-timeout must be > 0 seconds")
 
 
 def _check_token_file(path: Path) -> None:
@@ -128,8 +168,11 @@ def security_config(args):
 
     return SecurityConfig(
         token_file=args.token_file, audit_log=args.audit_log, audit_phi=args.audit_phi,
-        audit_max_bytes=int(args.audit_max_mb * 2**20),
+        audit_max_bytes=int(args.audit_max_mb * 2**20), audit_keep=args.audit_keep,
+        audit_anchor_every=args.audit_anchor_every,
         rate_per_minute=args.rate_limit or None, rate_burst=args.rate_burst,
+        client_concurrency=args.client_concurrency or None,
+        public_concurrency=args.public_concurrency or None,
         cors_origins=tuple(args.cors_origin), hsts=args.tls_cert is not None)
 
 
@@ -142,38 +185,63 @@ def run(args) -> int:
     if args.backend == "torch":
         require_extra("train", "serve --backend torch")
     check_security(args)
-    import uvicorn
-
     from bonefrac.serving import create_app
+    from bonefrac.serving.server import listen, serve, server_config
 
-    upload = int(args.max_upload_mb * 2**20)
-    app = create_app(resolve_model(args.model), max_upload_bytes=upload,
-                     max_batch_files=args.max_batch_files,
-                     max_batch_bytes=upload * args.max_batch_files, workers=args.workers,
-                     queue=args.queue, timeout_s=args.timeout, threads=args.threads,
-                     backend=args.backend, security=security_config(args))
-    _warn_exposure(args)
+    try:  # before the model loads: a busy port fails at once, before any URL is printed
+        sock = listen(args.host, args.port)
+    except OSError as e:
+        raise CLIError(f"could not listen on {args.host}:{args.port}: "
+                       f"{e.strerror or e}") from None
+    with sock:
+        upload = int(args.max_upload_mb * 2**20)
+        app = create_app(resolve_model(args.model), max_upload_bytes=upload,
+                         max_batch_files=args.max_batch_files,
+                         max_batch_bytes=upload * args.max_batch_files, workers=args.workers,
+                         queue=args.queue, timeout_s=args.timeout,
+                         body_idle_s=args.body_idle_timeout, threads=args.threads,
+                         backend=args.backend, security=security_config(args))
+        config = server_config(app, args.host, args.port, log_level=args.log_level,
+                               tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+                               trusted_proxies=args.trusted_proxy)
+        _log_audit_anchors(args)
+        _warn_exposure(args)
+        _print_banner(args, app.state.ensemble.model_id, DISCLAIMER)
+        try:
+            serve(config, sock)
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has already shut down gracefully
+            print("bonefrac serve: stopped", file=sys.stderr)
+        except SystemExit as e:  # uvicorn exits (code 3) when its start fails; it logged why
+            if e.code in (0, None):
+                raise
+            raise CLIError("the server could not start (see the line above)") from None
+    return EXIT_OK
+
+
+def _print_banner(args, model_id: str, disclaimer: str) -> None:
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     scheme = "https" if args.tls_cert else "http"
     auth = f"tokens from {args.token_file}" if args.token_file else "no authentication"
-    print(f"bonefrac serve: model {app.state.ensemble.model_id} on {scheme}://{url_host}:"
-          f"{args.port}/  ({auth}; API reference: /docs, OpenAPI: /openapi.json)\n"
-          f"{DISCLAIMER}", flush=True)
-    tls = {"ssl_certfile": os.fspath(args.tls_cert), "ssl_keyfile": os.fspath(args.tls_key)} \
-        if args.tls_cert else {}
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_keep_alive=5, server_header=False, **tls)
-    server = uvicorn.Server(config)
-    try:
-        server.run()
-    except KeyboardInterrupt:  # Ctrl-C: uvicorn has already shut down gracefully
-        print("bonefrac serve: stopped", file=sys.stderr)
-    except SystemExit as e:  # uvicorn exits (code 3) when it cannot bind; it logged why
-        if e.code in (0, None):
-            raise
-        raise CLIError(f"could not listen on {args.host}:{args.port} (see the line above)"
-                       ) from None
-    return EXIT_OK
+    proxies = f"; proxy headers from {', '.join(args.trusted_proxy)}" if args.trusted_proxy \
+        else ""
+    print(f"bonefrac serve: model {model_id} on {scheme}://{url_host}:{args.port}/  ({auth}"
+          f"{proxies}; API reference: /docs, OpenAPI: /openapi.json)\n{disclaimer}",
+          flush=True)
+
+
+def _log_audit_anchors(args) -> None:
+    """Send the audit log's head anchors (``bonefrac.audit`` at INFO) to stderr, the server
+    log, whatever --log-level says about uvicorn's own lines."""
+    if args.audit_log is None or not args.audit_anchor_every:
+        return
+    import logging
+
+    logger = logging.getLogger("bonefrac.audit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s bonefrac: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _warn_exposure(args) -> None:

@@ -25,6 +25,7 @@ from bonefrac.evaluation.model_card import (
     localisation_table,
     member_table,
     metric_table,
+    num,
     operating_points,
     subgroup_table,
 )
@@ -176,6 +177,66 @@ def _localisation(inp: ReportInputs, warnings: list[str]) -> list[str]:
     return out
 
 
+# The terms the report uses, explained once near its top.
+GLOSSARY = (
+    ("Sensitivity", "of the fractured images, the share the model calls fractured (1 - "
+                    "sensitivity: the share of fractures it misses)."),
+    ("Specificity", "of the non-fractured images, the share the model calls non-fractured (1 - "
+                    "specificity: the share of normal images it flags as fractured)."),
+    ("PPV / NPV", "of the images called fractured (non-fractured), the share that are; both "
+                  "depend on how common fractures are in the data."),
+    ("ROC-AUC", "the chance that a random fractured image gets a higher P(fractured) than a "
+                "random non-fractured one (0.5: guessing, 1: perfect), whatever the threshold."),
+    ("95% CI", "the range the value would plausibly fall in on another sample of this size; "
+               "wide ranges mean few images."),
+    ("Threshold, operating point", "a P(fractured) at or above the threshold is called "
+                                   "fractured; each operating point is a threshold chosen on "
+                                   "the validation split for a goal (e.g. sensitivity >= 0.95)."),
+    ("ECE", "expected calibration error: how far, on average, the stated probabilities are from "
+            "the observed share of fractures (0.05: about 5 percentage points off)."),
+    ("Brier score, NLL", "the mean squared error and the negative log-likelihood of the "
+                         "probabilities: lower is better; they reward being right and sure."),
+    ("Pointing game", "the share of fractured images whose heat-map peak falls inside (or "
+                      "near) a marked fracture box."),
+)
+
+
+def plain_summary(inp: ReportInputs) -> list[str]:
+    """The report's first paragraph in plain words: at each operating point, about how many
+    in 100 fractures the model misses and how many in 100 normal images it flags, on the
+    evaluated data; how well its probabilities are calibrated; where its heat map points."""
+    m = inp.metrics
+    data = f"the {m.get('split')} split ({m['metrics'].get('n')} images)"
+    if "external" in str(m.get("split_source")):
+        data = f"this external data set ({m['metrics'].get('n')} images)"
+    points = []
+    for label, _, mm in operating_points(inp):
+        se, sp = (num((mm.get(k) or {}).get("value")) for k in ("sensitivity", "specificity"))
+        if se is not None and sp is not None:
+            points.append(f"at the {label.split(' (')[0]} point (threshold "
+                          f"{fmt(mm.get('threshold'), 3)}) it misses about "
+                          f"{round(100 * (1 - se))} in 100 fractures and flags about "
+                          f"{round(100 * (1 - sp))} in 100 normal images as fractured")
+    out = [f"On {data}, " + "; ".join(points) + "."] if points else []
+    ece = num(((m.get("calibration") or {}).get("after") or {}).get("ece_15"))
+    if ece is not None:
+        out.append(f"Its probabilities are off by about {round(100 * ece)} percentage points "
+                   "on average (ECE).")
+    pg = num(((m.get("localisation") or {}).get("pointing_game") or {}).get("value"))
+    if pg is not None:
+        out.append(f"Its heat-map peak lies on a marked fracture in about {round(100 * pg)} of "
+                   "100 fractured images (pointing game): a hint where to look, not proof.")
+    return out
+
+
+def _summary_html(inp: ReportInputs) -> list[str]:
+    """The plain-language summary and the glossary, for the top of the report."""
+    return ["<h2>Summary</h2>", "<p>" + " ".join(_e(x) for x in plain_summary(inp)) + "</p>",
+            "<details open><summary>Terms used in this report</summary><dl>"
+            + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in GLOSSARY)
+            + "</dl></details>"]
+
+
 def render_html(inp: ReportInputs) -> tuple[str, list[str]]:
     """The report as one HTML string, and warnings (figures that could not be embedded)."""
     m, meta = inp.metrics, inp.meta
@@ -194,6 +255,7 @@ def render_html(inp: ReportInputs) -> tuple[str, list[str]]:
         f"<title>{_e(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
         f"<h1>{_e(title)}</h1>",
         f'<p class="disclaimer">{_e(DISCLAIMER)}</p>',
+        *_summary_html(inp),
         "<table><tbody>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in [
             ("model folder", inp.model_dir),
             ("kind", "training run (one member)" if inp.is_run else

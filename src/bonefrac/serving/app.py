@@ -28,15 +28,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
 from bonefrac import DISCLAIMER, InputError, __version__
 from bonefrac.data.io import Decoded
+from bonefrac.inference.detections import shown_detections
 from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.heatmap import heat_layer, render_overlay
 from bonefrac.inference.operating_points import UnknownOperatingPoint
 from bonefrac.inference.predict import (
-    BOX_COLUMNS,
     model_fingerprint,
     model_info,
     predict_decoded,
@@ -46,15 +47,18 @@ from bonefrac.serving.audit import AuditLog
 from bonefrac.serving.auth import TokenStore
 from bonefrac.serving.docs import api_reference_html
 from bonefrac.serving.limits import DEADLINE_KEY, LimitsMiddleware
-from bonefrac.serving.ratelimit import RateLimiter
+from bonefrac.serving.ratelimit import ConcurrencyLimiter, RateLimiter
 from bonefrac.serving.security import (
     GuardMiddleware,
     RecordMiddleware,
+    RefusalDigest,
     SecurityConfig,
     audit_results,
     audit_uploads,
+    flush_refusals,
     require_client,
     scrub_paths,
+    write_audit,
 )
 from bonefrac.serving.uploads import FORMATS_TEXT, UploadError, decode_upload
 
@@ -67,11 +71,13 @@ MULTIPART_SLACK = 64 * 1024  # multipart boundaries and headers around one file
 V1 = [Depends(require_client)]
 ERRORS = {
     401: "no valid API token (the server runs with --token-file): send Authorization: Bearer",
-    408: "the upload did not arrive within the request timeout",
+    400: "two Authorization headers",
+    408: "the upload did not arrive within the request timeout, or paused too long",
     413: "file or request too large (see `limits` in GET /v1/model)",
     415: f"unsupported file type or content (accepted: {FORMATS_TEXT})",
     422: "unreadable image (the reason is given) or a missing form field",
-    429: "rate limit of this token (or address) reached; retry after Retry-After seconds",
+    429: "rate limit of this token (or address) reached, or it has its most requests in "
+         "flight already; retry after Retry-After seconds",
     503: "server busy: too many requests running or queued; retry after Retry-After seconds",
     504: "prediction did not finish within the request timeout",
 }
@@ -123,7 +129,8 @@ def explain_fields(ens: Ensemble, pred: Prediction, j: int, row: dict, display: 
     threshold = ens.threshold if threshold is None else threshold
     cam, prob = pred.cam[j], float(pred.prob[j])
     fig = render_overlay(display, cam, prob=prob, threshold=threshold,
-                         decision=row["decision"], box=[row[k] for k in BOX_COLUMNS[:4]],
+                         decision=row["decision"],
+                         boxes=shown_detections(row, ens.box_threshold),
                          peak=[row["peak_x"], row["peak_y"]])
     h, w = display.shape
     scale = min(1.0, LAYER_MAX_SIDE / max(h, w))
@@ -189,14 +196,19 @@ def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict,
         store.entries()  # a broken token file fails here, at start, not on the first request
     limiter = RateLimiter(security.rate_per_minute, security.rate_burst) \
         if security.rate_per_minute else None
-    audit = AuditLog(security.audit_log, security.audit_max_bytes) if security.audit_log \
-        else None
+    audit = AuditLog(security.audit_log, security.audit_max_bytes, keep=security.audit_keep,
+                     anchor_every=security.audit_anchor_every) if security.audit_log else None
+    refusals = RefusalDigest(security.refusal_interval_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        flusher = asyncio.create_task(flush_refusals(
+            audit, refusals, min(5.0, security.refusal_interval_s))) if audit else None
         yield
         executor.shutdown(wait=False, cancel_futures=True)
         if audit is not None:
+            flusher.cancel()
+            await write_audit(audit, refusals.due(None))  # no counted refusal left unwritten
             audit.close()
 
     app = FastAPI(
@@ -213,17 +225,23 @@ def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict,
                  "/v1/predict/batch": max_batch_bytes}
     # Added innermost first: a request meets Record, CORS, Guard, then Limits.
     app.add_middleware(LimitsMiddleware, capacity=workers + queue, timeout_s=timeout_s,
-                       max_body=body_caps.get)
-    app.add_middleware(GuardMiddleware, store=store, limiter=limiter)
+                       max_body=body_caps.get, body_idle_s=limits["body_idle_s"])
+    app.add_middleware(GuardMiddleware, store=store, limiter=limiter,
+                       clients=_concurrency(security.client_concurrency),
+                       public=_concurrency(security.public_concurrency))
     if security.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(security.cors_origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["Retry-After"])
-    app.add_middleware(RecordMiddleware, audit=audit, hsts=security.hsts,
+    app.add_middleware(RecordMiddleware, audit=audit, hsts=security.hsts, refusals=refusals,
                        model={"model_id": ens.model_id,
                               "model_fingerprint": model_fingerprint(ens)})
     return app
+
+
+def _concurrency(limit: int | None) -> ConcurrencyLimiter | None:
+    return ConcurrencyLimiter(limit) if limit else None
 
 
 def _add_predict_routes(app: FastAPI, ens: Ensemble, executor: ThreadPoolExecutor,
@@ -302,14 +320,14 @@ def _add_info_routes(app: FastAPI, ens: Ensemble, summary: dict, model_card: str
         return {"model": summary, "meta": ens.meta, "model_card": model_card,
                 "limits": limits, "disclaimer": DISCLAIMER}
 
-    @app.get("/healthz", tags=["service"])
+    @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["service"])
     async def healthz() -> dict:
         """Liveness, without a token; the model's identity only when tokens are off."""
         if app.state.security.token_file is not None:
             return {"status": "ok"}
         return {"status": "ok", "model_id": ens.model_id, "version": __version__}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")  # headers: serving.security
 
@@ -320,14 +338,27 @@ def _add_info_routes(app: FastAPI, ens: Ensemble, summary: dict, model_card: str
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
+def _form_hint(body: object, expected: str) -> str:
+    """Why a form field is missing, in the client's terms: the field names it did send."""
+    got = list(dict.fromkeys(body.keys())) if isinstance(body, FormData) else []
+    if not got:
+        return f" (no form fields sent: send the file as the multipart form field '{expected}')"
+    return (f" (got form field{'s' if len(got) > 1 else ''} "
+            f"{', '.join(repr(k[:64]) for k in got[:8])}; send the file as '{expected}')")
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """422 in plain words for invalid requests; 500 without a traceback for bugs."""
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for err in exc.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
-            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
+            loc = err.get("loc", ())
+            where = ".".join(str(x) for x in loc if x not in ("body", "query"))
+            msg = err.get("msg", "invalid")
+            if err.get("type") == "missing" and loc[:1] == ("body",) and len(loc) == 2:
+                msg += _form_hint(exc.body, str(loc[1]))
+            parts.append(f"{where}: {msg}" if where else msg)
         return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
 
     @app.exception_handler(Exception)
@@ -340,7 +371,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 32 * 2**20,
                max_batch_files: int = 16, max_batch_bytes: int = 128 * 2**20,
                workers: int = 2, queue: int = 16, timeout_s: float = 60.0,
-               threads: int | None = None, backend: str = "auto",
+               body_idle_s: float = 10.0, threads: int | None = None, backend: str = "auto",
                security: SecurityConfig | None = None) -> FastAPI:
     """Build the app around one model, loaded here once (or passed in already loaded).
 
@@ -351,6 +382,8 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
         workers: predictions run at the same time (threads sharing the model).
         queue: further prediction requests allowed to wait; beyond that, 503.
         timeout_s: per-request deadline from arrival to answer (408 upload, 504 inference).
+        body_idle_s: the longest pause within an upload (408 beyond); the body is read whole
+            before the request takes a worker or queue place.
         threads: ONNX Runtime threads per run; default: the CPUs shared among ``workers``.
         security: tokens, rate limit, audit log, CORS, HSTS (``serving.security``); default:
             none of them.
@@ -360,7 +393,7 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
         OSError: the audit log cannot be opened.
     """
     if min(max_upload_bytes, max_batch_files, max_batch_bytes, workers) < 1 or queue < 0 \
-            or timeout_s <= 0:
+            or timeout_s <= 0 or body_idle_s <= 0:
         raise InputError("limits must be positive (queue may be 0)")
     ens = model if isinstance(model, Ensemble) else Ensemble.load(
         model, backend=backend, threads=threads or max(1, default_threads() // workers))
@@ -369,7 +402,7 @@ def create_app(model: str | os.PathLike | Ensemble, *, max_upload_bytes: int = 3
     summary = model_summary(ens)
     limits = {"max_upload_bytes": max_upload_bytes, "max_batch_files": max_batch_files,
               "max_batch_bytes": max_batch_bytes, "workers": workers, "queue": queue,
-              "timeout_s": timeout_s}
+              "timeout_s": timeout_s, "body_idle_s": body_idle_s}
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bonefrac-infer")
 
     app = _new_app(ens, executor, limits, security or SecurityConfig())

@@ -41,3 +41,30 @@ class RateLimiter:
     def retry_after(wait_s: float) -> str:
         """``Retry-After`` header value: whole seconds, at least 1."""
         return str(max(1, math.ceil(wait_s)))
+
+
+class ConcurrencyLimiter:
+    """At most ``limit`` requests in flight at once per key (a token name or an address), so
+    one client cannot hold every slow upload or queue place the server has. Counts live on the
+    event loop (no lock); a key is dropped when its last request ends, so memory is bounded by
+    the requests in flight."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise InputError("concurrency limit must be >= 1")
+        self.limit = limit
+        self._active: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        """Take one of ``key``'s places; False (nothing taken) when it has ``limit`` already."""
+        n = self._active.get(key, 0)
+        if n >= self.limit:
+            return False
+        self._active[key] = n + 1
+        return True
+
+    def release(self, key: str) -> None:
+        """Give back a place taken by ``acquire``."""
+        n = self._active.pop(key, 0) - 1
+        if n > 0:
+            self._active[key] = n

@@ -11,11 +11,22 @@ Order of a request through them (outermost first):
 2. CORS (Starlette's), only when origins are configured, so preflights never need a token.
 3. ``GuardMiddleware`` on ``/v1/``: the Bearer token is checked and the client's rate limit
    spent *before* the body is read, so an unauthenticated client can make the server neither
-   spool an upload nor run a model. 429 + ``Retry-After`` over the limit (per token name, per
-   address without a valid token), then 401 + ``WWW-Authenticate`` without a valid token.
+   spool an upload nor run a model. 400 for two ``Authorization`` headers (which one would
+   count is ambiguous), 429 + ``Retry-After`` over the limit (per token name, per address
+   without a valid token), then 401 + ``WWW-Authenticate`` without a valid token, then 429
+   when the client already has ``client_concurrency`` requests in flight (one token cannot
+   take every upload or queue place the server has).
 
 The web page, ``/static``, ``/docs``, ``/openapi.json`` and ``/healthz`` (the liveness probe,
-which then answers only ``{"status": "ok"}``) stay public: they hold no patient data.
+which then answers only ``{"status": "ok"}``) stay public: they hold no patient data; each
+address may have ``public_concurrency`` requests on them in flight at once.
+
+The audit trail stays bounded under a flood of refused requests: a path is recorded to
+``ENDPOINT_MAX`` characters (with its full length), and refusals (400/401/429 from the guard)
+are recorded per (address or token, auth, status) and ``refusal_interval_s``: the first one in
+full, the rest of that interval as one ``"event": "refused"`` line with their ``count``
+(``RefusalDigest``). The address is the TCP peer's; uvicorn's proxy headers are honoured only
+from ``bonefrac serve --trusted-proxy`` peers (``serving.server``).
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bonefrac.serving.audit import AuditLog, now_iso
 from bonefrac.serving.auth import TokenFileError, TokenStore
 from bonefrac.serving.limits import json_error
-from bonefrac.serving.ratelimit import RateLimiter
+from bonefrac.serving.ratelimit import ConcurrencyLimiter, RateLimiter
 from bonefrac.serving.uploads import sniff
 
 log = logging.getLogger("bonefrac.serving")
@@ -47,6 +58,8 @@ API_PREFIX = "/v1/"
 CLIENT_KEY = "bonefrac.client"  # scope: the token's name once authenticated
 AUTH_KEY = "bonefrac.auth"  # scope: off | token | missing | invalid
 AUDIT_KEY = "bonefrac.audit"  # scope: per-request fields the handlers add (files)
+REFUSED_KEY = "bonefrac.refused"  # scope: set when the guard refused the request
+ENDPOINT_MAX = 256  # characters of a path kept in the audit log
 # The page and the docs load nothing from elsewhere and run no inline script.
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -67,14 +80,24 @@ class SecurityConfig:
     audit. audit_phi: also log file names and DICOM patient fields. rate_per_minute /
     rate_burst: per-client limit (None: off, the library default; ``bonefrac serve`` turns
     it on with 600 per minute, bursts of 60). cors_origins: origins allowed to call the API
-    from a browser (empty: CORS off). hsts: send Strict-Transport-Security (TLS is on)."""
+    from a browser (empty: CORS off). hsts: send Strict-Transport-Security (TLS is on).
+    audit_keep: rotated audit files kept (None: all). audit_anchor_every: log the audit head
+    every that many lines (0: never). client_concurrency / public_concurrency: requests in
+    flight at once per token (per address without one) on ``/v1``, and per address on the
+    public routes (None: no limit, the library default; ``bonefrac serve``: 8 and 16).
+    refusal_interval_s: the window over which refused requests are counted in one line."""
 
     token_file: Path | None = None
     audit_log: Path | None = None
     audit_phi: bool = False
     audit_max_bytes: int = 64 * 2**20
+    audit_keep: int | None = None
+    audit_anchor_every: int = 0
     rate_per_minute: float | None = None
     rate_burst: int = 60
+    client_concurrency: int | None = None
+    public_concurrency: int | None = None
+    refusal_interval_s: float = 60.0
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     hsts: bool = False
 
@@ -84,12 +107,12 @@ def scrub_paths(text: str) -> str:
     return _ABS_PATH.sub(lambda m: m.group(1) or "<path>", text)
 
 
-def _bearer(scope: Scope) -> str | None:
-    """The token of an ``Authorization: Bearer`` header; '' for another scheme; None if absent."""
-    value = dict(scope["headers"]).get(b"authorization")
-    if value is None:
+def _bearer(values: list[bytes]) -> str | None:
+    """The token of the ``Authorization: Bearer`` header value (one at most); '' for another
+    scheme; None if absent."""
+    if not values:
         return None
-    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    scheme, _, token = values[0].decode("latin-1").strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
@@ -99,17 +122,37 @@ def _remote(scope: Scope) -> str:
 
 
 class GuardMiddleware:
-    """Bearer authentication and the rate limit on ``/v1/`` (see the module docstring)."""
+    """Bearer authentication, the rate limit and the concurrency limits (see the module
+    docstring)."""
 
     def __init__(self, app: ASGIApp, *, store: TokenStore | None,
-                 limiter: RateLimiter | None):
+                 limiter: RateLimiter | None, clients: ConcurrencyLimiter | None = None,
+                 public: ConcurrencyLimiter | None = None):
+        """``clients``: in-flight limit per token (address without one) on ``/v1``;
+        ``public``: per address on the other routes."""
         self.app, self.store, self.limiter = app, store, limiter
+        self.clients, self.public = clients, public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = _bearer(scope) if self.store else None
+        if not scope["path"].startswith(API_PREFIX):
+            await self._limited(self.public, f"addr:{_remote(scope)}", scope, receive, send)
+            return
+        key = await self._admit(scope, send)
+        if key is not None:
+            await self._limited(self.clients, key, scope, receive, send)
+
+    async def _admit(self, scope: Scope, send: Send) -> str | None:
+        """Authenticate and rate-limit one ``/v1`` request: the client's key, or None once a
+        refusal was sent."""
+        auths = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(auths) > 1:
+            scope[REFUSED_KEY], scope[AUTH_KEY] = True, "invalid"
+            await _reply(send, 400, f"{len(auths)} Authorization headers sent; send one")
+            return None
+        token = _bearer(auths) if self.store else None
         entry = None
         if self.store is not None and token:
             try:
@@ -117,7 +160,7 @@ class GuardMiddleware:
             except TokenFileError as e:  # fail closed: nobody gets in on a broken file
                 log.error("%s", e)
                 await _reply(send, 503, "the server's token file is unreadable; see its log")
-                return
+                return None
         auth = "off" if self.store is None else "token" if entry else \
             "missing" if token is None else "invalid"
         scope[AUTH_KEY] = auth
@@ -126,15 +169,35 @@ class GuardMiddleware:
         key = f"token:{entry.name}" if entry else f"addr:{_remote(scope)}"
         wait = self.limiter.take(key) if self.limiter else 0.0
         if wait:
+            scope[REFUSED_KEY] = True
             await _reply(send, 429, f"rate limit: at most {self.limiter.burst:g} requests at "
                                     f"once and {self.limiter.rate * 60:g} per minute; retry "
                                     "after Retry-After seconds",
                          {"Retry-After": RateLimiter.retry_after(wait)})
-            return
+            return None
         if auth in ("missing", "invalid"):
+            scope[REFUSED_KEY] = True
             await _reply(send, 401, *_unauthorized(auth))
+            return None
+        return key
+
+    async def _limited(self, limit: ConcurrencyLimiter | None, key: str, scope: Scope,
+                       receive: Receive, send: Send) -> None:
+        """Run the request within ``key``'s in-flight limit (429 over it)."""
+        if limit is None:
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        if not limit.acquire(key):
+            scope[REFUSED_KEY] = True
+            who = "token" if key.startswith("token:") else "address"
+            await _reply(send, 429, f"this {who} has {limit.limit} requests in flight "
+                                    "already (the most at once); retry when one is answered",
+                         {"Retry-After": "1"})
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            limit.release(key)
 
 
 def _unauthorized(auth: str) -> tuple[str, dict[str, str]]:
@@ -170,12 +233,62 @@ async def require_client(
     return request.scope.get(CLIENT_KEY)
 
 
+class RefusalDigest:
+    """Refused requests, recorded in bounded form (see the module docstring).
+
+    Per key (address or token, auth, status), the first refusal of each ``interval_s`` window
+    is written in full and the rest are counted; when the window is over, one summary line
+    (``"event": "refused"``, ``count``, ``since``, ``until``) stands for them. Beyond
+    ``max_keys`` open windows, new keys share one window per (auth, status) with remote
+    ``"*"``, so a flood from many addresses is bounded too. Lives on the event loop."""
+
+    def __init__(self, interval_s: float = 60.0, max_keys: int = 1000):
+        if interval_s <= 0 or max_keys < 1:
+            raise ValueError("refusal digest: interval_s must be > 0 and max_keys >= 1")
+        self.interval_s, self.max_keys = interval_s, max_keys
+        self._open: dict[tuple, dict] = {}  # key -> {"start", "count", "since", "until", ...}
+
+    def note(self, rec: dict, now: float) -> tuple[bool, list[dict]]:
+        """Count the refusal ``rec`` (an audit record) at loop time ``now``: (whether to write
+        it in full, the summary lines now due)."""
+        due = self.due(now)
+        key = (rec["remote"], rec["client"], rec["auth"], rec["status"])
+        if key not in self._open and len(self._open) >= self.max_keys:
+            key = ("*", None, rec["auth"], rec["status"])
+        win = self._open.get(key)
+        if win is None:
+            self._open[key] = {"start": now, "count": 0, "since": None, "until": None,
+                               "remote": key[0], "client": key[1], "auth": key[2],
+                               "status": key[3]}
+            return True, due
+        win["count"] += 1
+        win["since"] = win["since"] or rec["time"]
+        win["until"] = rec["time"]
+        return False, due
+
+    def due(self, now: float | None = None) -> list[dict]:
+        """Summary lines of the windows over at ``now`` (None: all of them, at shutdown);
+        those windows are closed."""
+        over = [k for k, w in self._open.items()
+                if now is None or now - w["start"] >= self.interval_s]
+        out = []
+        for k in over:
+            w = self._open.pop(k)
+            if w["count"]:
+                out.append({"event": "refused", "remote": w["remote"], "client": w["client"],
+                            "auth": w["auth"], "status": w["status"], "count": w["count"],
+                            "since": w["since"], "until": w["until"]})
+        return out
+
+
 class RecordMiddleware:
     """Security headers on every response and an audit line per ``/v1/`` request."""
 
-    def __init__(self, app: ASGIApp, *, audit: AuditLog | None, hsts: bool, model: dict):
-        """``model``: ``model_id`` and ``model_fingerprint`` for every audit line."""
-        self.app, self.audit, self.model = app, audit, model
+    def __init__(self, app: ASGIApp, *, audit: AuditLog | None, hsts: bool, model: dict,
+                 refusals: RefusalDigest | None = None):
+        """``model``: ``model_id`` and ``model_fingerprint`` for every audit line;
+        ``refusals``: where refused requests are counted (None: each gets its own line)."""
+        self.app, self.audit, self.model, self.refusals = app, audit, model, refusals
         self.headers = {**HEADERS, **({"strict-transport-security": HSTS} if hsts else {})}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -216,18 +329,43 @@ class RecordMiddleware:
             raise
 
     async def _record(self, scope: Scope, status: int, t0: float, arrived: str) -> bool:
-        """Write the request's audit line (off the event loop); False if it failed."""
+        """Write the request's audit line (off the event loop), or count it when it is a
+        repeated refusal, with the refusal summaries now due; False if writing failed."""
+        now = asyncio.get_running_loop().time()
+        path = scope["path"]
         rec = {"time": arrived, "client": scope.get(CLIENT_KEY),
                "auth": scope.get(AUTH_KEY, "off"), "remote": _remote(scope),
-               "method": scope["method"], "endpoint": scope["path"], "status": status,
-               "latency_ms": round((asyncio.get_running_loop().time() - t0) * 1000, 1),
-               **self.model, **scope.get(AUDIT_KEY, {})}
-        try:
-            await run_in_threadpool(self.audit.append, rec)
-            return True
-        except (OSError, ValueError) as e:
-            log.error("audit log %s: %s", self.audit.path, e)
-            return False
+               "method": scope["method"], "endpoint": path[:ENDPOINT_MAX], "status": status,
+               "latency_ms": round((now - t0) * 1000, 1), **self.model,
+               **scope.get(AUDIT_KEY, {})}
+        if len(path) > ENDPOINT_MAX:
+            rec["endpoint_chars"] = len(path)
+        if self.refusals is None:
+            return await write_audit(self.audit, [rec])
+        if scope.get(REFUSED_KEY):
+            full, due = self.refusals.note(rec, now)
+            return await write_audit(self.audit, due + ([rec] if full else []))
+        return await write_audit(self.audit, self.refusals.due(now) + [rec])
+
+
+async def write_audit(audit: AuditLog, records: list[dict]) -> bool:
+    """Append ``records`` to ``audit`` off the event loop; False (logged) if writing failed."""
+    if not records:
+        return True
+    try:
+        await run_in_threadpool(lambda: [audit.append(r) for r in records])
+        return True
+    except (OSError, ValueError) as e:
+        log.error("audit log %s: %s", audit.path, e)
+        return False
+
+
+async def flush_refusals(audit: AuditLog, refusals: RefusalDigest, every_s: float) -> None:
+    """Write the refusal summaries as their windows end (a task for the app's life; at
+    shutdown the app writes the rest, ``refusals.due(None)``)."""
+    while True:
+        await asyncio.sleep(every_s)
+        await write_audit(audit, refusals.due(asyncio.get_running_loop().time()))
 
 
 # ------------------------------------------------------------------- per-file audit fields
