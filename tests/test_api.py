@@ -81,11 +81,14 @@ def test_result_fields_are_the_csv_columns(model, tmp_path):
     results = model.predict(files)
     assert isinstance(results, list) and len(results) == 3
     for res, row in zip(results, data["predictions"], strict=True):
+        dets = row.pop("detections")  # predictions.json's list; detections.csv in the CLI
         assert res.row() == row  # same columns, same order, same values
         assert list(res.row()) == list(rows[0])
+        assert list(res.detections) == dets and len(dets) >= 1
         assert set(res.prob_members) == {m.name for m in model.ensemble.members}
         assert res.heatmap is None
-    names = {f.name for f in fields(bonefrac.Result)} - {"prob_members", "heatmap"}
+    names = {f.name for f in fields(bonefrac.Result)} - {"prob_members", "heatmap", "detections",
+                                                          "image", "box_threshold"}
     assert names <= set(rows[0])
     with pytest.raises(FrozenInstanceError):
         results[0].decision = "x"
@@ -190,3 +193,53 @@ def test_evaluate_runs_the_evaluation(tmp_path):
                             out=tmp_path / "res")
     assert res["n"] == len(real_images()) and 0 <= res["metrics"]["roc_auc"]["value"] <= 1
     assert (tmp_path / "res" / "metrics.json").is_file()
+
+
+# ------------------------------------------------ uint16 arrays, errors="return", overlays
+def test_uint16_arrays_are_windowed_as_stated(model):
+    """A pydicom-style pixel_array: 12 bits in uint16 scales 0..4095 to 0..255 (the stored
+    range, as a DICOM file without a window is read); window=(c, w) is DICOM's linear VOI."""
+    from bonefrac.inference.api import window_to_uint8
+
+    gray = load_gray(real_images(1)[0], None)
+    twelve = gray.astype(np.uint16) * 16  # 0..4080: fills 12 bits
+    assert np.abs(window_to_uint8(twelve).astype(int) - gray).max() <= 1
+    full = gray.astype(np.uint16) * 257  # 0..65535: fills 16 bits
+    assert np.abs(window_to_uint8(full).astype(int) - gray).max() <= 1
+    assert window_to_uint8(np.array([[100, 1000, 2000, 5000]], np.uint16),
+                           window=(1500, 1001)).tolist() == [[0, 0, 255, 255]]
+    ref = model.predict(gray)
+    assert model.predict(twelve).prob_fractured == pytest.approx(ref.prob_fractured, abs=2e-3)
+    with pytest.raises(ValueError, match="window"):
+        model.predict(np.full((64, 64), -5, np.int16))
+    with pytest.raises(ValueError, match="window width"):
+        window_to_uint8(twelve, window=(100, 0))
+
+
+def test_errors_return_keeps_the_others_results(model, tmp_path):
+    files = real_images(2)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ImageReadError):
+        model.predict([files[0], bad, files[1]])
+    out = model.predict([files[0], bad, np.zeros((4, 4, 3)), files[1]], errors="return")
+    assert [r.ok for r in out] == [True, False, False, True]
+    assert out[1].file == str(bad) and "recognised image format" in out[1].reason
+    assert out[2].file == "array[2]" and "(H, W)" in out[2].reason
+    assert out[0] == model.predict(files[0]) and out[3] == model.predict(files[1])
+    with pytest.raises(ValueError, match="errors must be"):
+        model.predict(files, errors="ignore")
+
+
+def test_result_save_overlay_is_the_cli_overlay(model, tmp_path):
+    f = real_images(1)[0]
+    out = tmp_path / "cli"
+    assert main(["predict", str(f), "--out", str(out), "--explain", "--quiet"]) == 0
+    (cli_png,) = (out / "heatmaps").glob("*.png")
+    r = model.predict(f, explain=True)
+    path = r.save_overlay(tmp_path / "api.png")
+    a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    b = np.asarray(Image.open(cli_png).convert("RGB")).astype(int)
+    assert a.shape == b.shape and np.abs(a - b).mean() < 1.0  # the same figure
+    with pytest.raises(ValueError, match="explain=True"):
+        model.predict(f).save_overlay(tmp_path / "none.png")

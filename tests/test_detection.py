@@ -154,12 +154,14 @@ def test_onnx_boxes_match_torch(det_model, tmp_path):
 
 
 def _rectangles(root, n=48, size=96, seed=0):
-    """A data set of noise images, half with a bright rectangle (the "fracture") and its box."""
+    """A data set of noise images, half with a bright rectangle (the "fracture") and its box,
+    split 2:1:1 by manifest.csv."""
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, manifest = [], []
     for label in ("fractured", "non_fractured"):
         (root / label).mkdir(parents=True)
         for i in range(n):
+            split = ("train", "train", "val", "test")[i % 4]
             img = rng.integers(0, 60, (size, size)).astype(np.uint8)
             rel = f"{label}/{label[0]}{i:03d}.png"  # names unique across classes
             if label == "fractured":
@@ -168,8 +170,14 @@ def _rectangles(root, n=48, size=96, seed=0):
                 img[y0:y0 + h, x0:x0 + w] = 230
                 rows.append([rel, x0 / size, y0 / size, (x0 + w) / size, (y0 + h) / size])
             Image.fromarray(img).save(root / rel)
+            manifest.append([rel, label, split])
     with open(root / "boxes.csv", "w", newline="") as f:
         csv.writer(f).writerows([["path", "x0", "y0", "x1", "y1"], *rows])
+    # noise images look alike to the near-duplicate grouping: each is its own group
+    with open(root / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label", "split"], *manifest])
+    with open(root / "groups.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "group_id"], *[[m[0], m[0]] for m in manifest]])
 
 
 @pytest.mark.slow
@@ -184,13 +192,30 @@ def test_tiny_training_run_learns_a_bright_rectangle(tmp_path, monkeypatch):
     _rectangles(tmp_path / "data")
     cfg = TrainConfig(size=96, resize="letterbox", epochs_frozen=0, epochs_finetune=6, views=3,
                       batch_size=8, lr_finetune=2e-3, loc_weight=1.0, det_weight=1.0,
-                      monitor="val_ap50", val_frac=0.25, test_frac=0.25)
+                      monitor="val_ap50")
     run = train(tmp_path / "data", tmp_path / "run", cfg, finalize=False)
     ens = Ensemble.load(run, backend="torch", verify=False)
-    index = load_index(tmp_path / "data", val_frac=0.25, test_frac=0.25)
+    index = load_index(tmp_path / "data")
     boxes = dataset_boxes(tmp_path / "data")
     test = index.split("test")
     gray = np.stack([np.asarray(Image.open(s.path).convert("L")) for s in test])
     pred = ens.predict_gray(gray, explain=True, aspect=np.ones(len(test)))
     gts = [boxes.get(s.rel, np.zeros((0, 4), np.float32)) for s in test]
     assert average_precision(pred.detections, gts) >= 0.9
+    # the same from bonefrac evaluate (metrics.json, report's gallery) ...
+    from bonefrac.evaluation.evaluate import evaluate_model
+
+    m = evaluate_model(run, index, split="test", out=tmp_path / "res", backend="torch")
+    assert m["detection"]["ap50"]["value"] == pytest.approx(
+        average_precision(pred.detections, gts), abs=1e-6)
+    assert m["detection"]["source"] == "detection head" and m["detection"]["n_images"] == 24
+    # ... and from the CLI's detections.csv (fractions of the original image, rank 1 = best)
+    from bonefrac.cli.main import main
+
+    assert main(["predict", str(tmp_path / "data" / "fractured"), "--model", str(run),
+                 "--out", str(tmp_path / "p")]) == 0
+    with open(tmp_path / "p" / "detections.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["file", "rank", "score", "x0", "y0", "x1", "y1"]
+    first = [r for r in rows if r["rank"] == "1"]
+    assert len(first) == 48 and all(0 <= float(r["x0"]) < float(r["x1"]) <= 1 for r in first)

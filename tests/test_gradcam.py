@@ -144,6 +144,10 @@ def _cam_and_energy(model, x) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------- overlay figures
+def _det(x0, y0, x1, y1, rank=1, score=0.9) -> dict:
+    return {"rank": rank, "score": score, "x0": x0, "y0": y0, "x1": x1, "y1": y1}
+
+
 def _figure(gray, cam, prob=0.8, threshold=0.4, **kw):
     from bonefrac.inference.heatmap import render_overlay
 
@@ -179,7 +183,7 @@ def test_overlay_is_the_image_at_its_own_size_plus_margins(hw):
 def test_overlay_of_a_real_radiograph_keeps_its_aspect():
     f = sorted(real_images())[0]
     gray = load_gray(f, None)
-    fig = _figure(gray, _peaked_cam(), box=(0.2, 0.2, 0.6, 0.5), peak=(0.4, 0.3))
+    fig = _figure(gray, _peaked_cam(), boxes=[_det(0.2, 0.2, 0.6, 0.5)], peak=(0.4, 0.3))
     assert fig.width > gray.shape[1] and fig.height > gray.shape[0]
     assert fig.width - gray.shape[1] < gray.shape[1]  # margins, not a rescaled image
     assert fig.height - gray.shape[0] < gray.shape[0]
@@ -191,7 +195,7 @@ def test_box_and_peak_are_drawn_where_the_fractions_say():
     h, w = 200, 400
     gray = np.full((h, w), 128, np.uint8)
     box = (0.25, 0.1, 0.75, 0.6)  # pixels x 100..299, y 20..119
-    fig = np.asarray(_figure(gray, np.zeros((7, 7), np.float32), box=box))
+    fig = np.asarray(_figure(gray, np.zeros((7, 7), np.float32), boxes=[_det(*box)]))
     lw = line_width(w, h)
     white = (fig == BOX_COLOUR).all(axis=2)
     assert not white[:h, :w].all()
@@ -201,6 +205,8 @@ def test_box_and_peak_are_drawn_where_the_fractions_say():
     assert not white[19, 100:300].any() and not white[120, 100:300].any()
     assert not white[20 + lw:120 - lw, 100 + lw:300 - lw].any()  # nor inside
     assert not white[:h, :w][~_box_mask(h, w, 100, 20, 300, 120)].any()
+    assert (fig[:20, 100:160] != 128).any()  # its label "1: 0.90" above it (antialiased)
+    assert (fig[:20, 160:w] == 128).all() and (fig[:20, :100] == 128).all()
     # the peak: a cross centred on its pixel
     fig = np.asarray(_figure(gray, np.zeros((7, 7), np.float32), peak=(0.5, 0.35)))
     white = (fig == BOX_COLOUR).all(axis=2)
@@ -245,13 +251,13 @@ def test_save_overlay_writes_the_figure(tmp_path):
 
     gray = np.full((90, 130), 80, np.uint8)
     kw = {"prob": 0.2, "threshold": 0.5, "decision": "non_fractured",
-          "box": (0.1, 0.2, 0.5, 0.9), "peak": (0.3, 0.5)}
+          "boxes": [_det(0.1, 0.2, 0.5, 0.9)], "peak": (0.3, 0.5)}
     src = Path("/data/scans/knee.left.jpg")
     path = save_overlay(gray, _peaked_cam(), tmp_path, src, **kw)
     assert re.fullmatch(r"knee\.left_[0-9a-f]{8}_heatmap\.png", path.name)
     assert path.parent == tmp_path and sorted(tmp_path.iterdir()) == [path]  # no temp file left
     assert path.read_bytes() == heatmap_png(gray, _peaked_cam(), **kw)
-    assert Image.open(path).size == _figure(gray, _peaked_cam(), 0.2, 0.5, box=kw["box"],
+    assert Image.open(path).size == _figure(gray, _peaked_cam(), 0.2, 0.5, boxes=kw["boxes"],
                                             peak=kw["peak"]).size
     other = save_overlay(gray, _peaked_cam(), tmp_path, Path("/other/knee.left.jpg"), **kw)
     assert other != path

@@ -9,18 +9,14 @@ import io
 import json
 import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EXAMPLES, real_images, serving
+from helpers import EXAMPLES, real_images, serve_cli, serving
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -166,7 +162,8 @@ def test_dicom_upload(client, tmp_path):
     except ImportError:
         pytest.skip("DICOM decoding (bonefrac.data.dicom) is not in this tree yet")
     from pydicom.uid import SecondaryCaptureImageStorage
-    from test_dicom import write_dicom
+
+    from bonefrac.testing.dicom import write_dicom
 
     px = np.asarray(Image.open(IMAGES[0]).convert("L"))
     data = write_dicom(tmp_path / "x.dcm", px, sop_class=SecondaryCaptureImageStorage
@@ -506,30 +503,9 @@ def test_serve_cli_end_to_end(tiny_ensemble):
     """`python -m bonefrac serve` in a subprocess: answers, then stops cleanly on SIGINT."""
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "bonefrac", "serve", "--model",
-                             str(tiny_ensemble), "--port", str(port), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with serve_cli("--log-level", "warning", model=tiny_ensemble) as (url, proc):
         r = httpx.post(url + "/v1/predict", files={"file": (IMAGES[0].name,
                                                             IMAGES[0].read_bytes())})
         assert r.status_code == 200 and r.json()["disclaimer"] == DISCLAIMER
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
-        out = proc.stdout.read()
-        assert f"http://127.0.0.1:{port}/" in out and DISCLAIMER in out
-        assert "Traceback" not in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert f"{url}/" in proc.out and DISCLAIMER in proc.out
+    assert "Traceback" not in proc.out

@@ -55,6 +55,19 @@ def dataset_boxes(root: str | os.PathLike) -> dict[str, np.ndarray] | None:
     return read_boxes(p) if p.is_file() else None
 
 
+def box_classes(root: str | os.PathLike) -> dict[str, str]:
+    """{image: the class name of its first box} from ``root/boxes.csv``'s optional
+    ``class_name`` column (the body region in bone-fracture); {} without either."""
+    p = Path(root) / BOXES_NAME
+    if not p.is_file():
+        return {}
+    with open(p, newline="") as f:
+        out: dict[str, str] = {}
+        for r in csv.DictReader(f):
+            out.setdefault(r["path"], r.get("class_name") or "")
+    return out
+
+
 def cell_targets(boxes: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
     """Per-cell fracture targets ``(N, gh, gw)`` float32: 1 where a cell overlaps a box.
 

@@ -93,3 +93,12 @@ def boxes_to_letterbox(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     x0, y0, x1, y1 = letterbox_rect(w, h)
     scale = np.array([x1 - x0, y1 - y0] * 2, np.float32)
     return np.asarray(boxes, np.float32) * scale + np.array([x0, y0] * 2, np.float32)
+
+
+def boxes_from_letterbox(boxes: np.ndarray, aspect: float) -> np.ndarray:
+    """The inverse of :func:`boxes_to_letterbox`: ``(K, 4)`` fractions of a letterboxed
+    square -> fractions of the image (width/height ``aspect``), clipped to the image."""
+    x0, y0, x1, y1 = letterbox_rect(float(aspect), 1.0)
+    scale = np.array([x1 - x0, y1 - y0] * 2, np.float32)
+    out = (np.asarray(boxes, np.float32) - np.array([x0, y0] * 2, np.float32)) / scale
+    return np.clip(out, 0.0, 1.0)

@@ -10,6 +10,8 @@ IoU >= ``iou`` (the PASCAL VOC rule).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -135,15 +137,16 @@ def coco_ap(dets: Dets, gts: Sequence[np.ndarray]) -> dict[str, float]:
         for box, sc in zip(np.asarray(b, np.float64).reshape(-1, 4) * scale, s, strict=True):
             results.append({"image_id": i + 1, "category_id": 1, "score": float(sc),
                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
-    gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1}]}
-    gt.createIndex()
     if not results:
         return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-    ev = COCOeval(gt, gt.loadRes(results), "bbox")
-    ev.params.maxDets = [1, 10, 100]
-    ev.evaluate()
-    ev.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1}]}
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.params.maxDets = [1, 10, 100]
+        ev.evaluate()
+        ev.accumulate()
     prec = ev.eval["precision"][:, :, 0, 0, -1]  # (iou, recall) at area "all", 100 dets
     ap = lambda p: float(np.mean(p[p > -1])) if (p > -1).any() else 0.0  # noqa: E731
     return {"ap": ap(prec), "ap50": ap(prec[0]), "ap75": ap(prec[5])}

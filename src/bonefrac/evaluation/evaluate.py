@@ -11,10 +11,11 @@ from typing import NamedTuple
 import numpy as np
 
 from bonefrac import DISCLAIMER, InputError
-from bonefrac.data.boxes import dataset_boxes
+from bonefrac.data.boxes import box_classes, dataset_boxes
 from bonefrac.data.dataset import DatasetIndex, Sample, decode_all
 from bonefrac.evaluation import plots
 from bonefrac.evaluation.calibration import calibrated_prob
+from bonefrac.evaluation.detection import detection_report
 from bonefrac.evaluation.localisation import localisation_metrics
 from bonefrac.evaluation.metrics import (
     binary_metrics,
@@ -193,6 +194,8 @@ def evaluate_model(model_dir: str | Path, index: DatasetIndex, *, split: str = "
         loc = evaluate_localisation(ens, so.samples, boxes, res)
         if loc is not None:
             result["localisation"] = loc
+        result["detection"] = evaluate_detection(ens, so.samples, boxes,
+                                                 box_classes(index.root), res)
     if compare_with:
         result["compared_with"] = _compare_with(ens, p, so, compare_with, res, split, boxes,
                                                 result.get("localisation"), backend)
@@ -283,6 +286,102 @@ def evaluate_localisation(ens: Ensemble, samples: Sequence[Sample],
          "box": pbox[i].tolist(), **{k: v[i] for k, v in per_image.items()}}
         for i, s in enumerate(kept)]})
     return loc
+
+
+def split_detections(ens: Ensemble, samples: Sequence[Sample], boxes: Mapping[str, np.ndarray],
+                     *, batch: int = LOC_BATCH
+                     ) -> tuple[list[Sample], list[tuple[np.ndarray, np.ndarray]],
+                                list[np.ndarray]]:
+    """(the readable samples, their detections (boxes ``(K, 4)`` fractions of the image,
+    scores ``(K,)``), their annotated boxes ``(M, 4)``). Without a detection head, an image's
+    one detection is its heat-map box scored by the map's peak (what ``predict`` lists)."""
+    gray, kept, _, aspects = decode_inputs(ens, samples, "detection")
+    dets: list[tuple[np.ndarray, np.ndarray]] = []
+    for i in range(0, len(kept), batch):
+        pred = ens.predict_gray({s: g[i:i + batch] for s, g in gray.items()}, explain=True,
+                                aspect=aspects[i:i + batch])
+        dets += pred.detections if pred.detections is not None else [
+            (pred.loc.box[j:j + 1], pred.loc.score[j:j + 1]) for j in range(len(pred.prob))]
+    empty = np.zeros((0, 4), np.float32)
+    return kept, dets, [np.asarray(boxes.get(s.rel, empty), np.float32).reshape(-1, 4)
+                        for s in kept]
+
+
+def evaluate_detection(ens: Ensemble, samples: Sequence[Sample],
+                       boxes: Mapping[str, np.ndarray], regions: Mapping[str, str], res: Path,
+                       *, batch: int = LOC_BATCH) -> dict:
+    """Detection metrics (:func:`~bonefrac.evaluation.detection.detection_report`) of every
+    sample, fractured or not, against ``boxes``; ``regions``: an image's box class. A model
+    without a detection head is scored on its heat-map box (its one detection, scored by the
+    map's peak), as ``bonefrac predict`` lists it. Writes ``res/detection.json`` (the summary
+    and each image's detections) and returns the summary for ``metrics.json``."""
+    kept, dets, gts = split_detections(ens, samples, boxes, batch=batch)
+    report = detection_report(dets, gts, [regions.get(s.rel, "") for s in kept])
+    report["source"] = "detection head" if ens.detector else "heat-map box (no detection head)"
+    report["gallery"] = write_detection_gallery(res / DETECTION_DIR, kept, dets, gts,
+                                                ens.box_threshold)
+    write_json(res / "detection.json", {**report, "images": [
+        {"file": s.rel, "boxes": gts[i].tolist(), "detections": dets[i][0].tolist(),
+         "scores": dets[i][1].tolist()} for i, s in enumerate(kept)]})
+    return report
+
+
+DETECTION_DIR = "detection_gallery"
+
+
+def write_detection_gallery(folder: Path, kept: Sequence[Sample],
+                            dets: Sequence[tuple[np.ndarray, np.ndarray]],
+                            gts: Sequence[np.ndarray], min_score: float, n: int = 4
+                            ) -> list[dict]:
+    """Figures of the ``n`` worst misses (fractured images whose boxes no detection at or
+    above ``min_score`` found with IoU >= 0.5, by their best wrong score) and the ``n`` worst
+    false boxes (the highest-scoring detections on non-fractured images), each image decoded
+    at its own size with the annotated boxes in green and its detections in yellow, so boxes
+    land where ``boxes.csv`` and ``detections.csv`` say. Returns one record per figure."""
+    from bonefrac.data.io import load_gray
+    from bonefrac.inference.detect import box_iou
+
+    for old in folder.glob("*.png") if folder.is_dir() else ():
+        old.unlink()
+    shown = [(b[s >= min_score], s[s >= min_score]) for b, s in dets]
+    top = [float(s.max()) if len(s) else 0.0 for _, s in shown]
+    missed = [i for i, g in enumerate(gts) if len(g) and not (
+        len(shown[i][0]) and (box_iou(np.asarray(g, np.float64),
+                                      shown[i][0].astype(np.float64)) >= 0.5).any())]
+    false = [i for i, g in enumerate(gts) if not len(g) and len(shown[i][0])]
+    picks = ([("miss", i) for i in sorted(missed, key=lambda i: -top[i])[:n]]
+             + [("false", i) for i in sorted(false, key=lambda i: -top[i])[:n]])
+    out = []
+    for k, (kind, i) in enumerate(picks, start=1):
+        png = f"{DETECTION_DIR}/{k:02d}_{kind}_{_safe_stem(kept[i].rel)}.png"
+        write_boxes_png(folder.parent / png, load_gray(kept[i].path, None), gts[i], *shown[i],
+                        f"{kind}: {kept[i].rel}")
+        out.append({"kind": kind, "file": kept[i].rel, "png": png, "top_score": top[i]})
+    return out
+
+
+def write_boxes_png(path: Path, gray: np.ndarray, gt: np.ndarray, boxes: np.ndarray,
+                    scores: np.ndarray, caption: str) -> None:
+    """``gray`` ``(H, W)`` at its own size with annotated boxes ``(k, 4)`` in green and
+    detections ``(m, 4)`` in yellow labelled with their scores (fractions of width/height)."""
+    from PIL import Image, ImageDraw
+
+    h, w = gray.shape
+    im = Image.new("RGB", (w, h + 18), (20, 22, 25))
+    im.paste(Image.fromarray(gray).convert("RGB"), (0, 0))
+    d = ImageDraw.Draw(im)
+    lw = max(1, round(max(w, h) / 256))
+    for b in np.asarray(gt).reshape(-1, 4):
+        d.rectangle([float(v) * (w, h)[j % 2] for j, v in enumerate(b)], outline=(0, 230, 0),
+                    width=lw + 1)
+    for b, sc in zip(np.asarray(boxes).reshape(-1, 4), scores, strict=True):
+        xy = [float(v) * (w, h)[j % 2] for j, v in enumerate(b)]
+        d.rectangle(xy, outline=(255, 220, 0), width=lw)
+        d.text((xy[0], max(0, xy[1] - 11)), f"{float(sc):.2f}", fill=(255, 220, 0))
+    d.text((3, h + 3), caption[:w // 6], fill=(235, 235, 235))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        im.save(f, format="PNG")
 
 
 def _safe_stem(rel: str, limit: int = 60) -> str:
@@ -416,6 +515,11 @@ def _estimable_only(m: dict) -> dict:
     return out
 
 
+def _own_threshold(m, default: float) -> float:
+    """A member's own threshold (its spec's), else the model's."""
+    return default if m.spec.threshold is None else m.spec.threshold
+
+
 def _write_curves(ens: Ensemble, model_dir: Path, res: Path, prefix: bool) -> None:
     """accuracy.png / loss.png per member from its saved training history."""
     for m in ens.members:
@@ -427,8 +531,4 @@ def _write_curves(ens: Ensemble, model_dir: Path, res: Path, prefix: bool) -> No
         for key in ("accuracy", "loss"):
             plots.plot_curve(hist, key, res / f"{pre}{key}.png", f"{m.name}: {key}")
 
-
-def _own_threshold(m, default: float) -> float:
-    """A member's own threshold (its spec's), else the model's."""
-    return default if m.spec.threshold is None else m.spec.threshold
 

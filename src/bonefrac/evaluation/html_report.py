@@ -18,6 +18,8 @@ from bonefrac.evaluation.model_card import (
     ReportInputs,
     Table,
     calibration_table,
+    detection_notes,
+    detection_table,
     explanation,
     fmt,
     limitations,
@@ -293,6 +295,20 @@ def render_html(inp: ReportInputs) -> tuple[str, list[str]]:
     if inp.comparison_md:
         parts += ["<h2>Comparison</h2>", markdown_to_html(inp.comparison_md)]
     parts += _localisation(inp, warnings)
+    dt = detection_table(inp)
+    if dt:
+        gallery = [(inp.results_dir / g["png"], f"{g['kind']}: {g['file']} (best score "
+                    f"{g['top_score']:.2f})")
+                   for g in inp.metrics["detection"].get("gallery", [])
+                   if (inp.results_dir / g["png"]).is_file()]
+        parts += ["<h2>Detection</h2>", "<ul>" + "".join(
+            f"<li>{_inline_md(x)}</li>" for x in detection_notes(inp)) + "</ul>",
+            html_table(dt)]
+        if gallery:
+            parts += ["<h3>Missed and false boxes</h3>",
+                      "<p class='muted'>Each image at its own size: the fracture boxes in "
+                      "green, the detections at or above the box threshold in yellow with "
+                      "their scores.</p>", _miss_gallery(gallery, warnings)]
     sg = subgroup_table(inp)
     parts.append("<h2>Subgroups</h2>")
     parts += ([f"<p>{_e(sg[1])}</p>", html_table(sg[0])] if sg else

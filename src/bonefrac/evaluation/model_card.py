@@ -323,6 +323,42 @@ def localisation_notes(inp: ReportInputs) -> list[str]:
     return out
 
 
+def _ci(v: float, ci) -> str:
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def detection_table(inp: ReportInputs) -> Table | None:
+    """AP@0.5, COCO AP@[.5:.95] / AP@0.75 and FROC (with 95% CIs), then AP@0.5 per body
+    region, from ``metrics.json`` "detection"; None when it was not evaluated (no boxes)."""
+    det = inp.metrics.get("detection")
+    if not det:
+        return None
+    rows = [["AP@0.5 (VOC all-point)", _ci(det["ap50"]["value"], det["ap50"].get("ci95")),
+             str(det["n_images"])],
+            ["COCO AP@[.5:.95]", f"{det['coco']['ap']:.3f}", str(det["n_images"])],
+            ["COCO AP@0.75", f"{det['coco']['ap75']:.3f}", str(det["n_images"])]]
+    rows += [[f"FROC sensitivity at {r} FP/image", _ci(e["sensitivity"], e.get("ci95")),
+              str(det["n_images"])] for r, e in det["froc"].items()]
+    rows += [[f"AP@0.5, {region}", f"{e['ap50']:.3f}", f"{e['n_images']} + normals"]
+             for region, e in (det.get("per_region") or {}).items()]
+    return ["metric", "value [95% CI]", "n images"], rows
+
+
+def detection_notes(inp: ReportInputs) -> list[str]:
+    """What the detection metrics scored and how."""
+    det = inp.metrics.get("detection") or {}
+    return [f"Scored: every image of the evaluated set ({det.get('n_images', 'n/a')} images, "
+            f"{det.get('n_boxes', 'n/a')} fracture boxes); a box on a non-fractured image is a "
+            f"false positive. Boxes from: {det.get('source', 'n/a')}; "
+            f"{det.get('n_detections', 'n/a')} detections in all.",
+            "A detection is true when its best-overlapping unmatched box has IoU >= 0.5 "
+            "(greedy in score order, as PASCAL VOC and COCO). AP@0.5: VOC all-point "
+            "interpolation; COCO numbers: pycocotools (101 recall points). FROC: the share of "
+            "fracture boxes found at a score cut with at most that many false positives per "
+            "image. 95% CIs: percentile bootstrap over images (1,000 resamples). Per region: "
+            "that region's fractured images plus every non-fractured one."]
+
+
 def model_date(inp: ReportInputs) -> str:
     """The UTC date the model was fitted on validation, as recorded at the fit; else the
     newest member file's modification date, said to be one (a git checkout resets it)."""
@@ -629,6 +665,10 @@ def _card_analysis(inp: ReportInputs) -> list[str]:
             lines += [f"Worst misses (figures in `{inp.results_dir.name}/"
                       "localisation_misses/`): " + "; ".join(c for _, c in
                                                             inp.localisation_misses) + ".", ""]
+    dt = detection_table(inp)
+    if dt:
+        lines += ["### Detection", "", *[f"- {x}" for x in detection_notes(inp)], "",
+                  *md_table(dt), ""]
     return lines
 
 

@@ -1,5 +1,6 @@
-"""ONNX export: one graph per member with outputs ``logits`` (N, 2), ``cam`` (N, h, w) and
-``pooled`` (N, C).
+"""ONNX export: one graph per member with outputs ``logits`` (N, 2), ``cam`` (N, h, w),
+``pooled`` (N, C) and, with a detection head, ``det`` (N, L, 6) raw detections (decoded in
+numpy by :mod:`bonefrac.inference.detect`).
 
 The CAM output is the fracture map or the closed-form Grad-CAM of the fracture logit (see
 ``Head.cam_weights``), so ``bonefrac predict --explain`` needs no autograd and no torch. ``pooled``
@@ -23,16 +24,13 @@ from bonefrac.utils import publish, sha256_file
 OPSET = 17
 
 
-OUTPUT_NAMES = ["logits", "cam", "pooled"]
-
-
 class _WithCam(nn.Module):
     def __init__(self, model: FractureNet):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.forward_outputs(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.forward_export(x)
 
 
 def export_member(model: FractureNet, path: str | Path) -> str:
@@ -43,8 +41,8 @@ def export_member(model: FractureNet, path: str | Path) -> str:
     tmp = path.with_name(f".{path.name}.tmp")
     # The TorchScript-based exporter: 2 s here vs ~25 s for the dynamo exporter, same numerics.
     torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(tmp),
-                      input_names=["input"], output_names=OUTPUT_NAMES,
-                      dynamic_axes={k: {0: "batch"} for k in ["input", *OUTPUT_NAMES]},
+                      input_names=["input"], output_names=model.output_names,
+                      dynamic_axes={k: {0: "batch"} for k in ["input", *model.output_names]},
                       opset_version=OPSET, dynamo=False)
     publish(tmp, path)
     return sha256_file(path)

@@ -4,8 +4,10 @@
     model = bonefrac.load("ensemble")              # or "baseline", a model folder, a run
     r = model.predict("scan.jpg")                  # one Result; a list in -> a list out
     r.prob_fractured, r.decision, r.decision_triage, r.prob_members["mobilenetv2"]
-    r = model.predict(array, explain=True)         # (H, W) uint8 or float in [0, 1]
+    r = model.predict(array, explain=True)         # (H, W) uint8, uint16 or float in [0, 1]
     r.heatmap                                      # (H, W) float32 map in [0, 1]
+    r.save_overlay("scan_overlay.png")             # the CLI's --explain figure
+    rs = model.predict(paths, errors="return")     # a bad file -> Failure, the rest predicted
 
 The numbers are the CLI's: decoding, batching and rows are those of ``bonefrac predict``
 (:func:`bonefrac.inference.predict.predict_decoded`), so ``r.prob_fractured`` equals the
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac import InputError
-from bonefrac.data.io import Decoded, gray_from_array
+from bonefrac.data.io import Decoded, ImageReadError, gray_from_array
 from bonefrac.data.isolation import decode_file
 from bonefrac.inference.domain import array_checks
 from bonefrac.inference.ensemble import Ensemble
@@ -33,7 +35,7 @@ from bonefrac.inference.predict import (
     decoded_warning,
     predict_decoded,
 )
-from bonefrac.utils import display_path
+from bonefrac.utils import atomic_write, display_path
 
 ImageLike = str | os.PathLike | np.ndarray
 
@@ -61,9 +63,14 @@ class Result:
     - ``model_id``, ``version``, ``warning`` (why the gate flagged the image: colour, small,
       blank, aspect, DICOM modality/body part, outside the training distribution; '' when
       none). A flagged image has ``decision == "uncertain"`` unless ``predict(gate=False)``;
+    - ``detections``: the scored boxes, best first (``rank``, ``score``, ``x0`` .. ``y1`` as
+      fractions of the image; the rows of ``detections.csv``); the box columns are rank 1.
+      Those to show are :func:`bonefrac.inference.detections.shown_detections` with the
+      model's ``box_threshold`` (none unless the decision is fractured);
     - ``heatmap``: with ``explain=True``, the fused map at the image's own size (the input
       array's shape; for a file, as ``load_gray(path, None)`` decodes it), float32 in [0, 1];
-      else None.
+      else None; ``image``: with ``explain=True``, the grayscale image the overlay is drawn
+      on (``(H, W)`` uint8), else None; :meth:`save_overlay` writes the figure.
     """
 
     file: str
@@ -85,15 +92,42 @@ class Result:
     model_id: str
     version: str
     warning: str
+    detections: tuple[dict, ...] = ()
     heatmap: np.ndarray | None = field(default=None, compare=False, repr=False)
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    box_threshold: float = field(default=0.0, compare=False, repr=False)
+    ok = True  # a Result, not a Failure (predict(..., errors="return"))
 
     @classmethod
-    def from_row(cls, row: dict, heatmap: np.ndarray | None = None) -> Result:
+    def from_row(cls, row: dict, heatmap: np.ndarray | None = None,
+                 image: np.ndarray | None = None, box_threshold: float = 0.0) -> Result:
         """A :func:`bonefrac.inference.predict.make_row` row as a Result."""
         members = {k[len("prob_"):]: v for k, v in row.items()
                    if k.startswith("prob_") and k != "prob_fractured"}
-        names = {f.name for f in fields(cls)} - {"prob_members", "heatmap"}
-        return cls(**{k: row.get(k) for k in names}, prob_members=members, heatmap=heatmap)
+        names = {f.name for f in fields(cls)} - {"prob_members", "heatmap", "detections",
+                                                 "image", "box_threshold"}
+        return cls(**{k: row.get(k) for k in names}, prob_members=members, heatmap=heatmap,
+                   detections=tuple(row.get("detections") or ()), image=image,
+                   box_threshold=box_threshold)
+
+    def save_overlay(self, path: str | os.PathLike) -> Path:
+        """Write the overlay figure ``bonefrac predict --explain`` writes (the image, the map,
+        the shown boxes, the peak, a colour bar and the caption) to ``path`` as PNG,
+        atomically; return the path. Needs ``predict(..., explain=True)``."""
+        from bonefrac.inference.detections import shown_detections
+        from bonefrac.inference.heatmap import heatmap_png
+
+        if self.heatmap is None or self.image is None:
+            raise InputError(f"{self.file}: no heat map to draw; predict with explain=True")
+        boxes = shown_detections({"decision": self.decision, "detections": self.detections},
+                                 self.box_threshold)
+        png = heatmap_png(self.image, self.heatmap, prob=self.prob_fractured,
+                          threshold=self.threshold, decision=self.decision, boxes=boxes,
+                          peak=(self.peak_x, self.peak_y))
+        path = Path(path)
+        with atomic_write(path, "wb") as f:
+            f.write(png)
+        return path
 
     def row(self) -> dict:
         """The ``predictions.csv`` row (same columns, same order)."""
@@ -107,6 +141,16 @@ class Result:
                   "domain_score", "model_id", "version", "warning"):
             out[k] = getattr(self, k)
         return out
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be predicted (``predict(..., errors="return")``): ``file`` as
+    a Result would name it, ``reason`` the one-line why (as in ``errors.csv``)."""
+
+    file: str
+    reason: str
+    ok = False
 
 
 class Model:
@@ -138,6 +182,11 @@ class Model:
         return self.ensemble.threshold
 
     @property
+    def box_threshold(self) -> float:
+        """The detection score a box needs to be shown (0: every box of a fractured image)."""
+        return self.ensemble.box_threshold
+
+    @property
     def operating_points(self) -> dict[str, float]:
         """``{"default": t, "triage": t, "confirmation": t}``: the ``operating_point`` values."""
         return self.ensemble.points.thresholds()
@@ -149,13 +198,21 @@ class Model:
 
     def predict(self, x: ImageLike | Sequence[ImageLike], *, explain: bool = False,
                 operating_point: str | None = None, batch_size: int = DEFAULT_BATCH,
-                gate: bool = True) -> Result | list[Result]:
+                gate: bool = True, window: tuple[float, float] | None = None,
+                errors: str = "raise") -> Result | list[Result | Failure]:
         """Predict one image or several.
 
         Args:
-            x: a path (image or DICOM file), a ``(H, W)`` numpy array (uint8 0..255, or float
-                in 0..1), or a list of these; one input gives one :class:`Result`, a list a
-                list of them, in order.
+            x: a path (image or DICOM file), a ``(H, W)`` numpy array, or a list of these;
+                one input gives one :class:`Result`, a list a list of them, in order. Arrays:
+                uint8 (0..255), float (0..1), or integers such as ``pydicom``'s
+                ``pixel_array`` (uint16), windowed to 8 bits by :func:`window_to_uint8`.
+            window: ``(center, width)`` for integer arrays, as DICOM's WindowCenter /
+                WindowWidth (linear, PS3.3 C.11.2.1.2); default: the range of the bits the
+                values fill, as bonefrac reads a DICOM file without a window.
+            errors: ``"raise"``: the first input that cannot be read raises; ``"return"``
+                (lists): it becomes a :class:`Failure` in its place and the others are
+                predicted.
             explain: also return the heat map (``Result.heatmap``).
             operating_point: ``"default"`` (the model's threshold, also None), ``"triage"``
                 or ``"confirmation"``: whose threshold drives ``decision``.
@@ -168,49 +225,109 @@ class Model:
                 ValueError) for an operating point the model does not have.
         """
         self.ensemble.points.check(operating_point)
+        if errors not in ("raise", "return"):
+            raise InputError(f"errors must be 'raise' or 'return', not {errors!r}")
         single = isinstance(x, str | os.PathLike | np.ndarray)
         items = [x] if single else list(x)
         if batch_size < 1:
             raise InputError("batch_size must be >= 1")
-        out: list[Result] = []
+        out: list[Result | Failure] = []
         for i in range(0, len(items), batch_size):
             out += self._predict_batch(items[i:i + batch_size], i, explain, operating_point,
-                                       gate)
+                                       gate, window, errors == "raise")
         return out[0] if single else out
 
     def _predict_batch(self, items: list[ImageLike], start: int, explain: bool,
-                       point: str | None, gate: bool) -> list[Result]:
+                       point: str | None, gate: bool, window: tuple[float, float] | None,
+                       strict: bool) -> list[Result | Failure]:
+        """One batch in order; an item that cannot be read raises (``strict``) or becomes a
+        :class:`Failure` in its place."""
         sizes, resize = sorted(self.ensemble.sizes), self.ensemble.resize
+        out: list[Result | Failure | None] = []
         names, decoded, warnings = [], [], []
         for j, item in enumerate(items):
-            name, d, warning = _decode_item(item, start + j, sizes, resize, explain)
+            try:
+                name, d, warning = _decode_item(item, start + j, sizes, resize, explain, window)
+            except (ImageReadError, InputError) as e:
+                if strict:
+                    raise
+                out.append(Failure(_item_name(item, start + j), getattr(e, "reason", str(e))))
+                continue
+            out.append(None)
             names.append(name)
             decoded.append(d)
             warnings.append(warning)
+        if not decoded:
+            return out
         rows, pred = predict_decoded(self.ensemble, names, decoded, warnings, point=point,
                                      gate=gate)
-        results = []
-        for j, (d, row) in enumerate(zip(decoded, rows, strict=True)):
-            heat = None
-            if explain:  # the file's display image, or the array's own shape
-                h, w = d.display.shape if d.display is not None else (d.height, d.width)
-                heat = upsample_map(pred.cam[j], (w, h)).astype(np.float32)
-            results.append(Result.from_row(row, heat))
-        return results
+        done = iter(self._result(row, d, pred.cam[j], explain)
+                    for j, (d, row) in enumerate(zip(decoded, rows, strict=True)))
+        return [r if r is not None else next(done) for r in out]
+
+    def _result(self, row: dict, d: Decoded, cam: np.ndarray, explain: bool) -> Result:
+        if not explain:
+            return Result.from_row(row)
+        image = d.display  # the file's display image, or the array itself
+        h, w = image.shape
+        heat = upsample_map(cam, (w, h)).astype(np.float32)
+        return Result.from_row(row, heat, image, self.box_threshold)
+
+
+def window_to_uint8(a: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """An integer ``(H, W)`` array (e.g. a DICOM ``pixel_array``, uint16) -> uint8 0..255.
+
+    With ``window = (center, width)``: DICOM's linear VOI window (PS3.3 C.11.2.1.2), values
+    below it black, above it white. Without: unsigned values scaled from 0 .. 2**bits - 1,
+    ``bits`` the bits they fill (12 when the maximum is below 4096, as most 12-bit radiographs
+    stored in 16 bits; never fewer than 8), as bonefrac reads a DICOM file without a window.
+    The values are used as stored: apply a modality rescale or invert MONOCHROME1 first.
+    uint8 and float arrays pass through unchanged (see ``gray_from_array``).
+    """
+    if a.dtype == np.uint8 or not np.issubdtype(a.dtype, np.integer):
+        return a
+    v = a.astype(np.float64)
+    if window is not None:
+        c, w = (float(x) for x in window)
+        if not w >= 1:
+            raise InputError(f"window width must be >= 1, got {w:g}")
+        out = np.clip((v - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+    elif np.issubdtype(a.dtype, np.signedinteger) and a.size and a.min() < 0:
+        raise InputError(f"a signed {a.dtype} array with negative values needs "
+                         "window=(center, width)")
+    else:
+        used = max(8, int(a.max()).bit_length() if a.size else 8)
+        bits = used if used <= 12 else a.dtype.itemsize * 8
+        out = v / float(2 ** bits - 1)
+    return np.round(out * 255.0).astype(np.uint8)
+
+
+def _item_name(item: object, index: int) -> str:
+    """The ``file`` a row of ``item`` gets: its path, or ``array[index]``."""
+    return display_path(Path(item)) if isinstance(item, str | os.PathLike) else f"array[{index}]"
 
 
 def _decode_item(item: ImageLike, index: int, sizes: Sequence[int], resize: str,
-                 display: bool = False) -> tuple[str, Decoded, str]:
+                 display: bool = False, window: tuple[float, float] | None = None
+                 ) -> tuple[str, Decoded, str]:
     """(file name for the row, the decoded item, warning) for a path or an array.
 
     A file is decoded in the isolated decode pool, as ``bonefrac predict`` decodes it (with
-    the display image when ``display``); an array in this process (it is pixels already).
-    Raises ``ImageReadError`` for a file that cannot be used, ``ValueError`` for a bad array.
+    the display image when ``display``); an array in this process (it is pixels already;
+    integer arrays windowed by :func:`window_to_uint8`). Raises ``ImageReadError`` for a file
+    that cannot be used, ``InputError`` for a bad array.
     """
     if isinstance(item, np.ndarray):
-        inputs = {s: gray_from_array(item, s, resize) for s in sizes}
+        if item.ndim != 2:
+            raise InputError(f"input {index}: expected a (H, W) grayscale array, got shape "
+                             f"{item.shape}")
+        item = window_to_uint8(item, window)
+        inputs = {s: gray_from_array(item, s, resize) for s in sizes}  # validates floats too
         h, w = item.shape[:2]
-        return f"array[{index}]", Decoded(inputs, None, w, h), \
+        shown = None  # the overlay's image: the array itself, at its own size
+        if display:
+            shown = item if item.dtype == np.uint8 else np.round(item * 255.0).astype(np.uint8)
+        return f"array[{index}]", Decoded(inputs, shown, w, h), \
             array_checks(item, inputs[sizes[-1]])
     if not isinstance(item, str | os.PathLike):
         raise InputError(f"input {index}: expected a path or a numpy array, got "

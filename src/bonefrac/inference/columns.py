@@ -1,10 +1,9 @@
 """The column guide of ``predictions.csv``: ``predictions.schema.json``, written beside it.
 
 One description per column (:data:`COLUMNS`; the per-member and per-operating-point columns by
-pattern, :data:`PATTERNS`), as a JSON Schema (draft 2020-12) of one row of the CSV / one entry
-of ``predictions.json``'s ``predictions``, with the columns in their CSV order under
-``x-columns`` and the research-use disclaimer. ``tests/test_new_user.py`` checks that every
-column :func:`bonefrac.inference.predict.make_row` writes is described here.
+pattern, :data:`PATTERNS`), as a JSON Schema (draft 2020-12) of one row of the CSV, with the
+columns in their CSV order under ``x-columns`` and the research-use disclaimer.
+``tests/test_new_user.py`` checks that every column of a real run's CSV is described here.
 """
 
 from __future__ import annotations
@@ -21,6 +20,10 @@ SCHEMA_NAME = "predictions.schema.json"
 _NUM, _STR = {"type": "number"}, {"type": "string"}
 _FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
 _BOX = "fraction (0..1) of the image's width or height from its top-left corner: "
+_BOX_OR_NULL = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
+# every box of an image, with rank and score, is a row of detections.csv beside this file
+_BEST = (" (rank 1 of detections.csv: a model with a detection head, empty when it found "
+         "none; else the region around the heat map's peak)")
 
 # column -> (JSON Schema type, description)
 COLUMNS: dict[str, tuple[dict, str]] = {
@@ -39,13 +42,14 @@ COLUMNS: dict[str, tuple[dict, str]] = {
                              "model's default, or that of --operating-point"),
     "peak_x": (_FRACTION, _BOX + "x of the heat map's maximum"),
     "peak_y": (_FRACTION, _BOX + "y of the heat map's maximum"),
-    "box_x0": (_FRACTION, _BOX + "left edge of the box around the peak"),
-    "box_y0": (_FRACTION, _BOX + "top edge of the box around the peak"),
-    "box_x1": (_FRACTION, _BOX + "right edge of the box around the peak"),
-    "box_y1": (_FRACTION, _BOX + "bottom edge of the box around the peak"),
-    "box_score": (_NUM, "the box's score: the fused fracture map's peak (a per-cell "
-                        "P(fracture)) for a model with a trained fracture map, else "
-                        "P(fractured)"),
+    "box_x0": (_BOX_OR_NULL, _BOX + "left edge of the best box" + _BEST),
+    "box_y0": (_BOX_OR_NULL, _BOX + "top edge of the best box" + _BEST),
+    "box_x1": (_BOX_OR_NULL, _BOX + "right edge of the best box" + _BEST),
+    "box_y1": (_BOX_OR_NULL, _BOX + "bottom edge of the best box" + _BEST),
+    "box_score": ({"type": ["number", "null"]},
+                  "the best box's score: its detection score (a model with a detection head), "
+                  "else the fused fracture map's peak (a per-cell P(fracture)) for a model "
+                  "with a trained fracture map, else P(fractured)"),
     "domain_score": ({"type": ["number", "null"]},
                      "the input-domain gate's learned check: how far the image's features lie "
                      "from the training images', in units of a limit met by 0.5% of "
@@ -85,9 +89,10 @@ def predictions_schema(fields: Sequence[str]) -> dict:
         props[f] = {**kind, "description": text}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": "bonefrac predictions.csv row", "disclaimer": DISCLAIMER,
-            "description": "One row of predictions.csv (one entry of predictions.json's "
-                           "'predictions'): one image. Failed files are in errors.csv "
-                           "(file, reason), not here. " + DISCLAIMER,
+            "description": "One row of predictions.csv: one image (predictions.json's "
+                           "'predictions' hold the same keys, and may hold more, such as the "
+                           "box list 'detections'). Failed files are in errors.csv (file, "
+                           "reason), not here. " + DISCLAIMER,
             "type": "object", "x-columns": list(fields), "properties": props,
             "patternProperties": {p: {**k, "description": d} for p, (k, d) in PATTERNS.items()},
             "required": [f for f in ("file", "prob_fractured", "decision") if f in fields]}

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from bonefrac import FRACTURE_MAP, InputError
-from bonefrac.data.preprocess import Preprocessing
+from bonefrac.data.preprocess import Preprocessing, boxes_from_letterbox
 from bonefrac.inference.calibration import calibrated_prob, fuse
+from bonefrac.inference.detect import DecodeConfig, decode
 from bonefrac.inference.domain import DomainGate, load_gate
 from bonefrac.inference.localise import Localisation, from_letterbox, localise, upsample
 from bonefrac.inference.model_folder import (
@@ -69,6 +70,9 @@ class Prediction:
     cam: np.ndarray | None = None
     loc: Localisation | None = None
     domain_score: np.ndarray | None = None  # (N,) input-domain gate score, > 1: outside
+    # Per image (boxes (K, 4) as fractions of the original image, scores (K,)), best first,
+    # from the detection head (with ``explain``); None for a model without one.
+    detections: list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 class Ensemble:
@@ -107,6 +111,8 @@ class Ensemble:
         ens.gate, ens.gate_note = load_gate(
             folder.root, folder.meta,
             {m.name: bool(getattr(m.runner, "has_pooled", False)) for m in members}, verify)
+        if sum(bool(m.spec.detector) for m in members) > 1:
+            raise ModelFileError(f"{folder.root}: more than one member has a detection head")
         if len({m.preprocessing.resize for m in members}) > 1:  # one decode per size
             raise ModelFileError(f"{folder.root}: members mix stretch and letterbox resizing")
         return ens
@@ -124,6 +130,16 @@ class Ensemble:
     def operating_points(self) -> dict[str, dict]:
         """The named points as the meta stores them (``points`` is the decision rule)."""
         return {k: p.to_dict() for k, p in self.points.points.items()}
+
+    @property
+    def detector(self) -> Member | None:
+        """The member with a detection head (a model has at most one), or None."""
+        return next((m for m in self.members if m.spec.detector), None)
+
+    @property
+    def box_threshold(self) -> float:
+        """The detection score a box needs to be shown (chosen on validation; 0: all)."""
+        return float(self.spec.box_threshold or 0.0)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -150,17 +166,24 @@ class Ensemble:
                 for m in self.members}
 
     def member_outputs(self, gray: Mapping[int, np.ndarray], want_cam: bool = False,
-                       want_pooled: bool = False
+                       want_pooled: bool = False, det_out: dict[str, np.ndarray] | None = None
                        ) -> dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
         """:meth:`member_logits` plus each member's pooled features ``(N, C)`` (None where
-        not asked for or the runner has none), from one run per member."""
-        if not want_pooled:
-            return {k: (*v, None) for k, v in self.member_logits(gray, want_cam).items()}
-        return {m.name: m.runner.run_outputs(m.preprocessing(gray[m.preprocessing.size]),
-                                             want_cam, True)
-                if getattr(m.runner, "has_pooled", False) else
-                (*m.runner.run(m.preprocessing(gray[m.preprocessing.size]), want_cam), None)
-                for m in self.members}
+        not asked for or the runner has none), from one run per member. With ``det_out``,
+        the detection member's raw output ``(N, L, 6)`` goes into it, from the same run."""
+        out = {}
+        for m in self.members:
+            x = m.preprocessing(gray[m.preprocessing.size])
+            if det_out is not None and m.spec.detector:
+                r = m.runner.run_det(x)
+                det_out[m.name] = r["det"]
+                out[m.name] = (r["logits"], r["cam"] if want_cam else None,
+                               r["pooled"] if want_pooled else None)
+            elif want_pooled and getattr(m.runner, "has_pooled", False):
+                out[m.name] = m.runner.run_outputs(x, want_cam, True)
+            else:
+                out[m.name] = (*m.runner.run(x, want_cam), None)
+        return out
 
     def domain_scores(self, pooled: Mapping[str, np.ndarray | None]) -> np.ndarray | None:
         """``(N,)`` gate scores (:meth:`DomainGate.score`), None without a usable gate."""
@@ -178,7 +201,9 @@ class Ensemble:
         """
         if isinstance(gray, np.ndarray):
             gray = {s: gray for s in self.sizes}
-        outs = self.member_outputs(gray, want_cam=explain, want_pooled=self.gate is not None)
+        det_raw: dict[str, np.ndarray] | None = {} if explain and self.detector else None
+        outs = self.member_outputs(gray, want_cam=explain, want_pooled=self.gate is not None,
+                                   det_out=det_raw)
         probs = {m.name: calibrated_prob(outs[m.name][0], m.temperature) for m in self.members}
         prob = fuse(probs, self.weights)
         domain = self.domain_scores({k: v[2] for k, v in outs.items()})
@@ -195,7 +220,17 @@ class Ensemble:
         supervised = any(m.heatmap == FRACTURE_MAP for m in self.members)
         # The box's score: the fused fracture map's peak where a member has one, else P.
         return Prediction(prob, probs, cam, localise(cam, None if supervised else prob),
-                          domain)
+                          domain, self._detections(det_raw, aspect) if det_raw else None)
+
+    def _detections(self, raw: dict[str, np.ndarray], aspect: np.ndarray | None
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The detection member's raw output decoded (:func:`bonefrac.inference.detect.decode`)
+        and brought from its input square to each image's own frame."""
+        m = self.detector
+        dets = decode(raw[m.name], DecodeConfig.from_spec(m.spec.detector, m.preprocessing.size))
+        if m.preprocessing.resize != "letterbox":  # fractions of a stretched square are the image's
+            return dets
+        return [(boxes_from_letterbox(b, a), s) for (b, s), a in zip(dets, aspect, strict=True)]
 
     def decide(self, prob: np.ndarray | float, point: str | None = None) -> np.ndarray:
         """True where P(fractured) >= the threshold of ``point`` (:meth:`OperatingPoints.

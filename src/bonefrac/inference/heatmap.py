@@ -14,8 +14,10 @@
   of 1 whatever the prediction, so without the fade an image the model calls negative would show
   as hot as a positive one. The colour bar keeps the map's own 0..1 scale; the caption says when
   the map is faded;
-- the localisation box (``box``: x0, y0, x1, y1 as fractions of width/height) as a rectangle
-  and its peak (``peak``: x, y fractions) as a small cross, line widths growing with the image;
+- the boxes to show (``boxes``: the row's shown detections, x0, y0, x1, y1 as fractions of
+  width/height; see :mod:`bonefrac.inference.detections`) as rectangles labelled with rank and
+  score, and the map's peak (``peak``: x, y fractions) as a small cross, line widths growing
+  with the image;
 - a colour bar titled "map" in a margin on the right, ticks 0, :data:`LEVEL`, 0.5 and 1, the
   part below :data:`LEVEL` drawn as the background (not drawn on the image), and a caption
   strip under the image: ``P(fractured) 0.83 | threshold 0.41 | fractured | RESEARCH USE
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +157,7 @@ def line_width(w: int, h: int) -> int:
 
 
 def render_overlay(gray: np.ndarray, cam: np.ndarray, *, prob: float, threshold: float,
-                   decision: str, box: Sequence[float] | None = None,
+                   decision: str, boxes: Sequence[Mapping] = (),
                    peak: Sequence[float] | None = None) -> Image.Image:
     """The overlay figure (RGB): see the module docstring.
 
@@ -163,7 +165,8 @@ def render_overlay(gray: np.ndarray, cam: np.ndarray, *, prob: float, threshold:
         gray: ``(H, W)`` uint8, the radiograph at its own size (``load_gray(path, None)``).
         cam: ``(h, w)`` map in [0, 1] in the model's (square) frame.
         prob, threshold, decision: P(fractured), the decision threshold, the decision's label.
-        box: (x0, y0, x1, y1), fractions of the image's width/height, or None.
+        boxes: detections to draw (``x0``..``y1`` fractions of the image's width/height,
+            ``rank``, ``score``), labelled "rank: score".
         peak: (x, y), fractions of the image's width/height, or None.
     """
     gray = np.asarray(gray, np.uint8)
@@ -191,8 +194,12 @@ def render_overlay(gray: np.ndarray, cam: np.ndarray, *, prob: float, threshold:
     fig.paste(overlay(gray, cam, map_opacity(prob, threshold)), (0, 0))
     draw = ImageDraw.Draw(fig)
 
-    if box is not None:
-        draw.rectangle(_px_box(box, w, h), outline=BOX_COLOUR, width=lw)
+    for d in boxes:
+        x0, y0, x1, y1 = _px_box([d[k] for k in ("x0", "y0", "x1", "y1")], w, h)
+        draw.rectangle((x0, y0, x1, y1), outline=BOX_COLOUR, width=lw)
+        label = f"{d['rank']}: {float(d['score']):.2f}"
+        ty = y0 - fs - lw if y0 - fs - lw >= 0 else y1 + lw  # above the box, else below
+        draw.text((x0, ty), label, fill=BOX_COLOUR, font=font)
     if peak is not None:
         cx = int(np.clip(float(peak[0]) * w, 0, w - 1))
         cy = int(np.clip(float(peak[1]) * h, 0, h - 1))
@@ -245,11 +252,11 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def heatmap_png(gray: np.ndarray, cam: np.ndarray, *, prob: float, threshold: float,
-                decision: str, box: Sequence[float] | None = None,
+                decision: str, boxes: Sequence[Mapping] = (),
                 peak: Sequence[float] | None = None) -> bytes:
     """:func:`render_overlay` as PNG bytes."""
     return png_bytes(render_overlay(gray, cam, prob=prob, threshold=threshold,
-                                    decision=decision, box=box, peak=peak))
+                                    decision=decision, boxes=boxes, peak=peak))
 
 
 def overlay_name(source: Path) -> str:
@@ -260,12 +267,12 @@ def overlay_name(source: Path) -> str:
 
 def save_overlay(gray: np.ndarray, cam: np.ndarray, out_dir: Path, source: Path, *,
                  prob: float, threshold: float, decision: str,
-                 box: Sequence[float] | None = None,
+                 boxes: Sequence[Mapping] = (),
                  peak: Sequence[float] | None = None) -> Path:
     """Write the :func:`render_overlay` figure to ``out_dir/<stem>_<hash8>_heatmap.png``
     atomically and return its path."""
     path = Path(out_dir) / overlay_name(Path(source))
     with atomic_write(path, "wb") as f:
         f.write(heatmap_png(gray, cam, prob=prob, threshold=threshold, decision=decision,
-                            box=box, peak=peak))
+                            boxes=boxes, peak=peak))
     return path

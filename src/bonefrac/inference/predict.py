@@ -38,6 +38,15 @@ from bonefrac.data.io import (
 )
 from bonefrac.data.isolation import DecodePool, decode_file
 from bonefrac.inference.columns import write_schema
+from bonefrac.inference.detections import (
+    BOX_COLUMNS,
+    DETECTION_COLUMNS,
+    box_columns,
+    detection_dicts,
+    detection_rows,
+    map_detection,
+    shown_detections,
+)
 from bonefrac.inference.domain import (
     UNCERTAIN,
     blank_check,
@@ -184,7 +193,8 @@ def predict_batch(ens: Ensemble, paths: Sequence[Path], *, explain: bool = False
     if overlays:
         threshold = decision_threshold(ens, point)
         for i, (f, row) in enumerate(zip(ok, rows, strict=True)):
-            _write_overlay(row, f, decoded[i].display, pred.cam[i], heatmap_dir, threshold)
+            _write_overlay(row, f, decoded[i].display, pred.cam[i], heatmap_dir, threshold,
+                           ens.box_threshold)
     return rows, errors
 
 
@@ -218,21 +228,23 @@ def predict_decoded(ens: Ensemble, names: Sequence[str | os.PathLike],
     rows = [make_row(ens, Path(name), pred.prob[i],
                      {k: v[i] for k, v in pred.member_probs.items()},
                      warning=warnings[i], loc=loc_fields(pred.loc, i), point=point,
-                     domain_score=None if scores is None else float(scores[i]), gate=gate)
+                     domain_score=None if scores is None else float(scores[i]), gate=gate,
+                     detections=None if pred.detections is None else pred.detections[i])
             for i, name in enumerate(names)]
     return rows, pred
 
 
 def _write_overlay(row: dict, f: Path, full: np.ndarray, cam: np.ndarray, heatmap_dir: Path,
-                   threshold: float) -> None:
+                   threshold: float, box_threshold: float) -> None:
     """The overlay PNG of ``f`` drawn on ``full``, the ``(H, W)`` uint8 image at its own size
-    (decoded with the model inputs); its path (or why not) goes into ``row``."""
+    (decoded with the model inputs), with the row's shown boxes; its path (or why not) goes
+    into ``row``."""
     from bonefrac.inference.heatmap import save_overlay
 
     try:
         row["heatmap"] = str(save_overlay(
             full, cam, heatmap_dir, f, prob=row["prob_fractured"], threshold=threshold,
-            decision=row["decision"], box=[row[k] for k in BOX_COLUMNS[:4]],
+            decision=row["decision"], boxes=shown_detections(row, box_threshold),
             peak=[row["peak_x"], row["peak_y"]]))
     except OSError as e:  # e.g. disk full: the prediction itself is good
         row["heatmap"] = ""
@@ -323,7 +335,6 @@ def progress_bar(total: int, enabled: bool = True):
 
 # --------------------------------------------------------------------------------- outputs
 PEAK_COLUMNS = ("peak_x", "peak_y")
-BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1", "box_score")
 
 
 def loc_fields(loc: Localisation, i: int) -> dict[str, float]:
@@ -358,7 +369,8 @@ def decision_confidence(prob: float, fractured: bool, uncertain: bool = False) -
 def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, float],
              warning: str = "", loc: dict[str, float] | None = None,
              point: str | None = None, domain_score: float | None = None,
-             gate: bool = True) -> dict:
+             gate: bool = True,
+             detections: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """One output row (the columns of ``predictions.csv``, in order):
 
     - ``file``; ``prob_fractured``: the fused, calibrated P(fractured); ``prob_<member>``: each
@@ -391,8 +403,14 @@ def make_row(ens: Ensemble, path: Path, prob: float, member_probs: dict[str, flo
     for name in ens.points.points:
         row[f"decision_{name}"] = CLASSES[int(ens.points.decide(prob, name))]
     row.update(loc or {})
+    if detections is not None:  # a detection head: the box columns are its best box
+        dets = detection_dicts(*detections)
+        row.update(box_columns(dets[0] if dets else None))
+    else:  # the heat map's box is the model's only one
+        dets = [map_detection(row)] if loc else []
     row["domain_score"] = None if domain_score is None else round(float(domain_score), 4)
-    row.update({"model_id": ens.model_id, "version": __version__, "warning": warning})
+    row.update({"model_id": ens.model_id, "version": __version__, "warning": warning,
+                "detections": dets})
     return row
 
 
@@ -439,7 +457,8 @@ def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, comp
     ``complete=False`` marks a checkpoint of an unfinished run; ``extra`` goes into the JSON.
     """
     info = model_info(model) if isinstance(model, Ensemble) else model
-    fields = list(res.rows[0]) if res.rows else ["file", "prob_fractured", "decision"]
+    fields = ([k for k in res.rows[0] if k != "detections"] if res.rows
+              else ["file", "prob_fractured", "decision"])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
@@ -451,6 +470,11 @@ def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, comp
     w.writeheader()
     w.writerows(res.errors)
     write_text(out / "errors.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(DETECTION_COLUMNS), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(detection_rows(res.rows))
+    write_text(out / "detections.csv", buf.getvalue())
     # The JSON last: a reader (``--resume``, merging) trusts it only once it is complete.
     write_json(out / "predictions.json", {
         "format": FORMAT, **info, "disclaimer": DISCLAIMER, "complete": complete, **extra,

@@ -56,6 +56,17 @@ class OnnxRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
+    def has_det(self) -> bool:
+        """Whether the graph emits raw detections ``det`` (models with a detection head)."""
+        return "det" in self.output_names
+
+    def run_det(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the graph by name (``logits``, ``cam``, ``pooled``, ``det``), from
+        one run: what prediction with a detection head needs."""
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})
+        return dict(zip(self.output_names, outs, strict=True))
+
+    @property
     def has_pooled(self) -> bool:
         """Whether the graph emits the pooled features (exports before the domain gate do not)."""
         return "pooled" in self.output_names

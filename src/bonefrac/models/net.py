@@ -58,7 +58,7 @@ class FractureNet(nn.Module):
     """
 
     def __init__(self, arch: str, backbone: Backbone, hidden: int = 256, dropout: float = 0.3,
-                 loc_head: bool = False):
+                 loc_head: bool = False, det_head: bool = False):
         super().__init__()
         self.arch = arch
         self.features = nn.Sequential(*backbone.blocks)
@@ -69,6 +69,14 @@ class FractureNet(nn.Module):
         self.config = {"arch": arch, "hidden": hidden, "dropout": dropout,
                        "backbone_weights": backbone.weights_note, "loc_head": loc_head,
                        "heatmap": FRACTURE_MAP if loc_head else GRADCAM}
+        self.det, self.taps = None, []
+        if det_head:  # FCOS-style boxes on the feature maps at strides 8/16/32
+            from bonefrac.models.detect import STRIDES, DetectionHead, feature_taps
+
+            self.taps, channels = feature_taps(self.features)
+            self.det = DetectionHead(channels, STRIDES)
+            self.config["detector"] = {"kind": "fcos", "strides": list(STRIDES),
+                                       "taps": self.taps}
 
     @property
     def n_blocks(self) -> int:
@@ -116,6 +124,45 @@ class FractureNet(nn.Module):
         w = self.head.cam_weights(pooled)
         return logits, torch.relu(torch.einsum("nc,nchw->nhw", w, fmap)), pooled
 
+    @property
+    def output_names(self) -> list[str]:
+        """What :meth:`forward_export` (and so the ONNX graph) emits, in order."""
+        return ["logits", "cam", "pooled", *(["det"] if self.det is not None else [])]
+
+    def forward_export(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward_outputs`, plus the raw detections ``(N, L, 6)`` with a detection
+        head (whose model always has the fracture map: it trains on the same boxes)."""
+        if self.det is None:
+            return self.forward_outputs(x)
+        logits, maps, pooled, det = self.forward_detect(x)
+        return logits, torch.sigmoid(maps), pooled, det
+
+    def forward_taps(self, x: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+        """The feature maps at ``self.taps`` (finest first; the last is the last block's map).
+
+        ``start``: run blocks from this index on ``x`` (activations of block ``start - 1``, as
+        the training cache holds them); a tap below ``start`` must be that input itself.
+        """
+        taps, out = set(self.taps), []
+        if start - 1 in taps:
+            out.append(x)
+        for i in range(start, self.n_blocks):
+            x = self.features[i](x)
+            if i in taps:
+                out.append(x)
+        return out
+
+    def forward_detect(self, x: torch.Tensor, start: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Logits ``(N, 2)``, fracture-map logits ``(N, h, w)`` (None without ``loc_head``),
+        pooled features ``(N, C)`` and raw detections ``(N, L, 6)`` (see
+        :mod:`bonefrac.models.detect`), from one pass (``start``: see :meth:`forward_taps`)."""
+        feats = self.forward_taps(x, start)
+        fmap = feats[-1]
+        pooled = fmap.mean(dim=(2, 3))
+        maps = self.forward_loc(fmap) if self.loc is not None else None
+        return self.head.forward_pooled(pooled), maps, pooled, self.det(feats)
+
     def split_at(self, n_trainable: int) -> tuple[nn.Sequential, nn.Sequential]:
         """(frozen lower blocks, top ``n_trainable`` blocks)."""
         k = self.n_blocks - max(0, min(n_trainable, self.n_blocks))
@@ -142,7 +189,8 @@ def load_member(arch: str, config: dict, weights: str | Path,
     from bonefrac.models.registry import create_model
 
     model = create_model(arch, weights=None, hidden=config["hidden"], dropout=config["dropout"],
-                         loc_head=bool(config.get("loc_head", False)))
+                         loc_head=bool(config.get("loc_head", False)),
+                         det_head=bool(config.get("detector")))
     model.load_state_dict(load_file(str(weights)), strict=True)
     model.config["heatmap"] = config.get("heatmap", model.heatmap)
     model.preprocessing = (preprocessing if isinstance(preprocessing, Preprocessing)

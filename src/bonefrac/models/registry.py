@@ -26,7 +26,8 @@ def list_models() -> dict[str, str]:
 
 
 def create_model(name: str, weights: str | None = "imagenet", *, hidden: int = 256,
-                 dropout: float = 0.3, loc_head: bool = False) -> FractureNet:
+                 dropout: float = 0.3, loc_head: bool = False,
+                 det_head: bool = False) -> FractureNet:
     """Build a fracture classifier: a named backbone + GAP -> Dense+ReLU -> Dropout -> Dense(2).
 
     Args:
@@ -35,6 +36,7 @@ def create_model(name: str, weights: str | None = "imagenet", *, hidden: int = 2
             ImageNet state-dict file (.safetensors, or .pth read with ``weights_only=True``), or
             ``None``/``"none"`` for random initialisation.
         loc_head: add the 1x1-conv fracture map trained against fracture boxes.
+        det_head: add the FCOS-style detection head (:mod:`bonefrac.models.detect`).
     """
     _ensure_loaded()
     if name not in _REGISTRY:
@@ -42,7 +44,8 @@ def create_model(name: str, weights: str | None = "imagenet", *, hidden: int = 2
     if isinstance(weights, str) and weights.lower() == "none":
         weights = None
     backbone = _REGISTRY[name](weights=weights)
-    return FractureNet(name, backbone, hidden=hidden, dropout=dropout, loc_head=loc_head)
+    return FractureNet(name, backbone, hidden=hidden, dropout=dropout, loc_head=loc_head,
+                       det_head=det_head)
 
 
 def _ensure_loaded() -> None:

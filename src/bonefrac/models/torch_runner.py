@@ -28,6 +28,17 @@ class TorchRunner:
 
     has_pooled = True
 
+    @property
+    def has_det(self) -> bool:
+        return self.model.det is not None
+
+    @torch.inference_mode()
+    def run_det(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output by name, as :meth:`OnnxRunner.run_det` gives them."""
+        xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        outs = self.model.forward_export(xt)
+        return {k: v.numpy() for k, v in zip(self.model.output_names, outs, strict=True)}
+
     def run(self, x: np.ndarray, want_cam: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         logits, cam, _ = self.run_outputs(x, want_cam)
         return logits, cam

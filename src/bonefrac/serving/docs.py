@@ -33,11 +33,15 @@ PREDICTION_FIELDS: tuple[tuple[str, str], ...] = (
                      "training distribution (null where the model has no gate)"),
     ("peak_x, peak_y", "the heat map's peak, as fractions (0..1) of the image's width and "
                        "height from its top-left corner"),
-    ("box_x0, box_y0, box_x1, box_y1", "the box around the peak (the connected region where "
-                                       "the map is at least half its peak), fractions of the "
-                                       "image's width and height"),
-    ("box_score", "the box's score: the fused fracture map's peak where a member was trained "
-                  "on boxes, else P(fractured)"),
+    ("box_x0, box_y0, box_x1, box_y1", "the best box (rank 1 of `detections`), fractions of "
+                                       "the image's width and height; a model without a "
+                                       "detection head gives the region around the map's "
+                                       "peak"),
+    ("box_score", "the best box's score: its detection score, or (no detection head) the "
+                  "fused fracture map's peak, else P(fractured)"),
+    ("detections", "every scored box, best first: rank, score and x0, y0, x1, y1 (fractions "
+                   "of the image); the overlay shows those at or above the model's box "
+                   "threshold, and none unless the decision is fractured"),
     ("heatmap_png_base64", "with explain: PNG of the overlay figure: the image at its own size "
                            "and aspect with the map (faded in proportion to P / threshold "
                            "below the threshold), the box, the peak, a colour bar and a "

@@ -63,7 +63,7 @@ class TrainConfig:
         12, "stage 2: at most this many epochs fine-tuning the top blocks + head")
     unfreeze_blocks: int = option(12, "how many top backbone blocks stage 2 fine-tunes")
     # One clean + 11 augmented views: each fine-tuning epoch sees a fresh augmentation. Measured
-    # on a GPU (benchmarks/recipe_sweep, MobileNetV2 validation AUC): 4 views cycled 0.894 vs a
+    # on a GPU (experiments/recipe_sweep, MobileNetV2 validation AUC): 4 views cycled 0.894 vs a
     # new augmentation every epoch 0.905 (peak rate 1e-4); 12 views at 3e-4: 0.904 and 0.905.
     views: int = option(12, "cached views per training image: 1 clean + N-1 augmented; "
                             "fine-tuning epoch e uses view (e-1) mod N")
@@ -109,7 +109,7 @@ class TrainConfig:
     # improves (fine-tuning makes the model over-confident; calibration fixes that afterwards).
     # Not "--monitor": torchrun's parser would take it for an abbreviation of its own option.
     monitor: str = option("val_auc", "what early stopping (and the plateau schedule) watch",
-                          flag="--stop-on", choices=("val_loss", "val_auc"))
+                          flag="--stop-on", choices=("val_loss", "val_auc", "val_ap50"))
     # Stage 2's schedule: "onecycle" (10 % warm-up to lr_finetune, cosine decay to ~0, stepped
     # per batch) or "plateau" (ReduceLROnPlateau x0.3, as stage 1 always uses).
     schedule: str = option("onecycle", "stage 2's learning-rate schedule",
@@ -134,6 +134,11 @@ class TrainConfig:
     # BCE positive-class weight of the fracture map: boxes cover few cells.
     loc_pos_weight: float = option(
         5.0, "positive-class weight of the fracture-map loss (boxes cover few cells)")
+    # Detection: an FCOS-style head on the feature maps at strides 8/16/32, trained against the
+    # same boxes with this loss weight (0 = off); --stop-on val_ap50 early-stops on its AP@0.5.
+    det_weight: float = option(
+        0.0, "weight of the detection-head loss (FCOS-style boxes; needs boxes.csv); 0 = no "
+        "detection head")
     # Warm start: initialise every layer the file holds from a trained member's safetensors
     # (a run folder, an ensemble folder's member of the same arch, or a .safetensors file).
     init_from: str | None = option(
@@ -148,6 +153,8 @@ class TrainConfig:
         if self.loc_weight < 0 or self.loc_pos_weight <= 0:
             raise InputError("loc_weight must be >= 0 (0 = off) and loc_pos_weight > 0, got "
                              f"{self.loc_weight}, {self.loc_pos_weight}")
+        if self.det_weight < 0:
+            raise ValueError(f"det_weight must be >= 0 (0 = off), got {self.det_weight}")
         if self.mixup < 0:
             raise InputError(f"mixup must be >= 0 (0 = off), got {self.mixup}")
         if any(lr <= 0 for lr in (self.lr_frozen, self.lr_finetune, *self.soup_lrs)):

@@ -49,6 +49,7 @@ from bonefrac.models.net import FractureNet, save_run_model
 from bonefrac.models.weights import save_tensors
 from bonefrac.training.augment import augment_batch, augment_with_boxes, train_augmentation
 from bonefrac.training.config import TrainConfig
+from bonefrac.training.detect_loss import DetectionLoss
 from bonefrac.training.distributed import Dist, setup
 from bonefrac.utils import cache_dir, publish, write_json
 
@@ -137,12 +138,12 @@ class FeatureCache:
         kinds = ("act", "pooled") if view < STAGE1_VIEWS and pooled else ("act",)
         paths = [self.dir / f"{name}_view{view}_{kind}.npy" for kind in kinds]
         tpath = self.dir / f"{name}_view{view}_loc.npy" if boxes is not None else None
-        if not all(p.exists() for p in [*paths, *([tpath] if tpath else [])]):
+        bpath = self.dir / f"{name}_view{view}_boxes.npy" if boxes is not None else None
+        if not all(p.exists() for p in [*paths, *([tpath, bpath] if tpath else [])]):
             src, moved = self._view(gray, view, boxes)
             if tpath:
-                tmp = tpath.with_name(f".{tpath.name}.{os.getpid()}.tmp.npy")
-                np.save(tmp, cell_targets(moved, self.grid))
-                publish(tmp, tpath)
+                _save_npy(tpath, cell_targets(moved, self.grid))
+                _save_npy(bpath, _flat_boxes(moved))
             run = self._frozen_session()
             outs: list[list[np.ndarray]] = [[] for _ in kinds]
             for i in _progress(range(0, len(src), batch), f"features {name} view {view}"):
@@ -155,6 +156,11 @@ class FeatureCache:
                 publish(tmp, p)
         act, *rest = (np.load(p, mmap_mode="r") for p in paths)
         return act, (rest[0] if rest else None), (np.load(tpath) if tpath else None)
+
+    def boxes(self, name: str, view: int, n: int) -> list[np.ndarray]:
+        """The view's boxes per image (fractions of the input square), as :meth:`get` moved
+        them (call it after :meth:`get` with boxes)."""
+        return _unflat_boxes(np.load(self.dir / f"{name}_view{view}_boxes.npy"), n)
 
     @staticmethod
     def _view(gray: np.ndarray, view: int, boxes: list[np.ndarray] | None):
@@ -210,6 +216,24 @@ class FeatureCache:
         sess = ort.InferenceSession(str(path), session_options(torch.get_num_threads()),
                                     providers=["CPUExecutionProvider"])
         return sess.run
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")  # several processes
+    np.save(tmp, arr)
+    publish(tmp, path)
+
+
+def _flat_boxes(boxes: list[np.ndarray]) -> np.ndarray:
+    """Per-image ``(k, 4)`` boxes -> one ``(M, 5)`` float32 array ``[image, x0, y0, x1, y1]``."""
+    rows = [np.column_stack([np.full(len(b), i, np.float32), np.asarray(b, np.float32)])
+            for i, b in enumerate(boxes) if len(b)]
+    return np.concatenate(rows) if rows else np.zeros((0, 5), np.float32)
+
+
+def _unflat_boxes(flat: np.ndarray, n: int) -> list[np.ndarray]:
+    idx = flat[:, 0].astype(np.int64)
+    return [flat[idx == i, 1:] for i in range(n)]
 
 
 def warmup_share(total_steps: int) -> float:
@@ -338,7 +362,8 @@ class StageSpec:
     lr: float
     schedule: str = "plateau"
     start_from: dict | None = None
-    aux: LocLoss | None = None
+    aux: Callable | None = None
+    val_metrics: Callable[[], dict[str, float]] | None = None  # more validation numbers
 
 
 class Stage:
@@ -490,7 +515,8 @@ class Stage:
             raw["val_auc_raw"] = self._measure()[2]  # the trained weights themselves, for the log
         with self.ema.swapped() if self.ema is not None else nullcontext():
             val_loss, val_acc, val_auc = self._measure()
-            monitored = _monitored({"val_loss": val_loss, "val_auc": val_auc}, s.cfg)
+            raw |= self.spec.val_metrics() if self.spec.val_metrics else {}
+            monitored = _monitored({"val_loss": val_loss, "val_auc": val_auc, **raw}, s.cfg)
             improved = self.stopper.step(monitored)
             if improved and s.ctx.is_main:
                 save_tensors(s.model.state_dict(), self.best_path)
@@ -510,7 +536,7 @@ class Stage:
 
     def _record(self, epoch: int, trained: dict, val: dict, improved: bool) -> dict:
         """The epoch's history row, appended and printed."""
-        extra = {k: val[k] for k in ("val_auc_raw",) if k in val}
+        extra = {k: val[k] for k in ("val_auc_raw", "val_ap50") if k in val}
         if self.spec.aux is not None:
             extra["loc_loss"] = trained["aux_sum"] / trained["seen"]
         rec = {"stage": self.spec.name, "epoch": epoch, "loss": trained["loss"],
@@ -520,6 +546,7 @@ class Stage:
         self.history.append(rec)
         raw = f" (raw {extra['val_auc_raw']:.4f})" if "val_auc_raw" in extra else ""
         raw += f" | loc_loss {extra['loc_loss']:.4f}" if "loc_loss" in extra else ""
+        raw += f" | val_ap50 {extra['val_ap50']:.4f}" if "val_ap50" in extra else ""
         print(f"{rec['stage']} epoch {epoch}: loss {rec['loss']:.4f} acc {rec['accuracy']:.3f} | "
               f"val_loss {rec['val_loss']:.4f} val_acc {rec['val_accuracy']:.3f} val_auc "
               f"{rec['val_auc']:.4f}{raw} | lr {rec['lr']:.1e} | {rec['seconds']:.0f}s"
@@ -549,8 +576,11 @@ def _restore_best(model: nn.Module, best_path: Path, start_from: dict | None, ct
     ctx.sync_model(model)
 
 
-def _split_outputs(out) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return out if isinstance(out, tuple) else (out, None)
+def _split_outputs(out) -> tuple[torch.Tensor, torch.Tensor | tuple | None]:
+    """(logits, what the box losses take: the map, or a tuple of several outputs, or None)."""
+    if not isinstance(out, tuple):
+        return out, None
+    return out[0], out[1] if len(out) == 2 else out[1:]
 
 
 def _logits(out) -> torch.Tensor:
@@ -570,6 +600,8 @@ def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 
 def _monitored(rec: dict, cfg: TrainConfig) -> float:
     """The quantity early stopping and the LR schedule minimise."""
+    if cfg.monitor == "val_ap50":  # rows of a stage without a detector score 0
+        return -rec.get("val_ap50", 0.0)
     return -rec["val_auc"] if cfg.monitor == "val_auc" else rec["val_loss"]
 
 
@@ -592,6 +624,39 @@ def _write_history(run: Path, history: list[dict]) -> None:
     from bonefrac.utils import write_text
 
     write_text(run / "history.csv", buf.getvalue())
+
+
+def _forward_with_det(model: FractureNet, start: int, x: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits, maps, _, det = model.forward_detect(x, start)
+    return logits, maps, det
+
+
+class BoxLosses:
+    """Stage 2's box losses with a detection head: the fracture map's and the detector's."""
+
+    def __init__(self, loc: LocLoss, det: DetectionLoss):
+        self.loc, self.det = loc, det
+
+    def __call__(self, outs: tuple[torch.Tensor, torch.Tensor], epoch: int, rows: np.ndarray
+                 ) -> torch.Tensor:
+        maps, raw = outs
+        return self.loc(maps, epoch, rows) + self.det(raw, epoch, rows)
+
+
+def _val_ap50(model: FractureNet, start: int, cached: Cached, batch: int) -> dict[str, float]:
+    """The detector's AP@0.5 (VOC all-point) on the validation split's boxes."""
+    from bonefrac.evaluation.detection import average_precision
+    from bonefrac.inference.detect import DecodeConfig, decode
+
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        raw = np.concatenate([
+            model.forward_detect(torch.from_numpy(np.array(cached.val_act[i:i + batch]))
+                                 .to(dev), start)[3].float().cpu().numpy()
+            for i in range(0, len(cached.val_act), batch)])
+    dets = decode(raw, DecodeConfig(model.preprocessing.size, model.det.strides))
+    return {"val_ap50": average_precision(dets, cached.val_boxes)}
 
 
 def _forward_with_loc(model: FractureNet, top: nn.Module, x: torch.Tensor
@@ -656,11 +721,12 @@ def warm_start(model: FractureNet, source: str | Path) -> Path:
 
     path = _member_weights(Path(source), model.arch)
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if unexpected or any(not k.startswith("loc.") for k in missing):
+    if unexpected or any(not k.startswith(("loc.", "det.")) for k in missing):
         raise InputError(f"{path}: not a {model.arch} member of this head layout (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]})")
     print(f"warm start: {model.arch} weights from {path}"
-          + (" (new fracture-map head)" if missing else ""), flush=True)
+          + (f" (new heads: {sorted({k.split('.')[0] for k in missing})})" if missing else ""),
+          flush=True)
     return path
 
 
@@ -702,6 +768,9 @@ class Cached:
     y_train: np.ndarray
     y_val: np.ndarray
     loc_mask: np.ndarray  # per training image: whether its fracture map is scored
+    # per training view, per image: its boxes in that view (fractions); None without boxes
+    view_boxes: list[list[np.ndarray]] | None = None
+    val_boxes: list[np.ndarray] | None = None  # validation boxes (fractions of the input)
 
 
 def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool = False,
@@ -718,8 +787,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, *, resume: bool =
     run, ctx = Path(out), setup(device)
     index = _start_run(data, run, cfg, ctx, index, resume)
     model, boxes = _build_model(data, cfg, ctx)
-    gray, train = _decode(index, cfg, model.preprocessing)
-    cached = _cache_views(model, cfg, ctx, index, gray, train, boxes)
+    gray, splits = _decode(index, cfg, model.preprocessing)
+    cached = _cache_views(model, cfg, ctx, index, gray, splits, boxes)
     weights = torch.tensor(class_weights(cached.y_train), dtype=torch.float32, device=ctx.device)
     print(f"class weights (non_fractured, fractured): {weights.tolist()}")
     rs = RunSetup(cfg, model, run, ctx, weights, resume)
@@ -762,8 +831,11 @@ def _build_model(data: str | Path, cfg: TrainConfig, ctx: Dist
     boxes = _training_boxes(data, cfg)
     if boxes is not None and cfg.mixup:
         raise InputError("--mixup cannot be combined with box supervision (use --loc-weight 0)")
+    if cfg.det_weight > 0 and boxes is None:
+        raise ValueError("--det-weight needs fracture boxes (DATA/boxes.csv or --boxes) and "
+                         "--loc-weight > 0")
     model = create_model(cfg.arch, cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout,
-                         loc_head=boxes is not None)
+                         loc_head=boxes is not None, det_head=cfg.det_weight > 0)
     if cfg.init_from:
         warm_start(model, cfg.init_from)
     if cfg.size:
@@ -773,25 +845,27 @@ def _build_model(data: str | Path, cfg: TrainConfig, ctx: Dist
 
 
 def _decode(index: DatasetIndex, cfg: TrainConfig, prep: Preprocessing
-            ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], DecodedSplit]:
-    """({split: (images decoded as ``prep`` says, labels)} for train and val, the training
-    split as decoded). Decoded once, cached on disk; unreadable files are skipped and listed."""
-    gray, train = {}, None
+            ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, DecodedSplit]]:
+    """({split: (images decoded as ``prep`` says, labels)} for train and val, {split: the
+    split as decoded}). Decoded once, cached on disk; unreadable files are skipped and listed."""
+    gray, splits = {}, {}
     for sp in ("train", "val"):
         d = decode_all(_limit(index.split(sp), cfg.max_images), prep.size, resize=prep.resize,
                        desc=f"decoding {sp}", cache_dir=cache_dir() / "decoded")
         index.skipped += d.skipped
         gray[sp] = (d.images, np.array([s.label for s in d.kept], dtype=np.int64))
-        train = d if sp == "train" else train
+        splits[sp] = d
     for f, r in index.skipped:
         print(f"skipped {f}: {r}")
-    return gray, train
+    return gray, splits
 
 
 def _cache_views(model: FractureNet, cfg: TrainConfig, ctx: Dist, index: DatasetIndex,
-                 gray: dict[str, tuple[np.ndarray, np.ndarray]], train: DecodedSplit,
-                 boxes: dict[str, np.ndarray] | None) -> Cached:
+                 gray: dict[str, tuple[np.ndarray, np.ndarray]],
+                 splits: dict[str, DecodedSplit], boxes: dict[str, np.ndarray] | None
+                 ) -> Cached:
     """Freeze the backbone and run its frozen part once per view (each job by one rank)."""
+    train, val = splits["train"], splits["val"]
     lower, _ = model.split_at(cfg.unfreeze_blocks)
     for p in model.features.parameters():
         p.requires_grad_(False)
@@ -811,7 +885,11 @@ def _cache_views(model: FractureNet, cfg: TrainConfig, ctx: Dist, index: Dataset
                                        pooled_too)
     print(f"cached activations of {len(lower)} frozen blocks for {cfg.views} view(s) in "
           f"{time.time() - t_feat:.0f}s", flush=True)
-    return Cached(cache, views, val_act, pooled_val, gray["train"][1], gray["val"][1], loc_mask)
+    out = Cached(cache, views, val_act, pooled_val, gray["train"][1], gray["val"][1], loc_mask)
+    if model.det is not None:
+        out.view_boxes = [cache.boxes("train", v, len(train.kept)) for v in range(cfg.views)]
+        out.val_boxes = _image_boxes(val.kept, boxes, model.preprocessing.resize, val.sizes)[0]
+    return out
 
 
 def _stage1(rs: RunSetup, cached: Cached) -> list[dict]:
@@ -840,21 +918,35 @@ def _stage2(rs: RunSetup, cached: Cached, history: list[dict]) -> list[dict]:
     _, top = model.split_at(cfg.unfreeze_blocks)  # the blocks the cached activations feed
     for p in top.parameters():
         p.requires_grad_(True)
-    trainable = nn.ModuleList([top, model.head, *([model.loc] if model.loc else [])])
-    forward, aux = (lambda x: model.head(top(x))), None
+    trainable = nn.ModuleList([top, model.head, *([model.loc] if model.loc else []),
+                               *([model.det] if model.det else [])])
+    forward, aux, val_metrics = (lambda x: model.head(top(x))), None, None
     if model.loc is not None:
         forward = partial(_forward_with_loc, model, top)
         aux = LocLoss([t for _, _, t in cached.views], cached.loc_mask, cfg, rs.ctx.device)
         print(f"box supervision: fracture-map loss weight {cfg.loc_weight} on "
               f"{int(cached.loc_mask.sum())} of {len(cached.loc_mask)} training images "
               f"(grid {cached.cache.grid}); fractured images without a box are not scored")
+    if model.det is not None:
+        start = model.n_blocks - cfg.unfreeze_blocks
+        if min(model.taps) < start - 1:
+            raise ValueError(f"--unfreeze-blocks {cfg.unfreeze_blocks} freezes the detector's "
+                             f"stride-8 features (block {min(model.taps)}): unfreeze at least "
+                             f"{model.n_blocks - min(model.taps) - 1}")
+        forward = partial(_forward_with_det, model, start)
+        aux = BoxLosses(aux, DetectionLoss(cached.view_boxes, model.preprocessing.size,
+                                           model.det.strides, cfg.det_weight, rs.ctx.device))
+        val_metrics = partial(_val_ap50, model, start, cached, cfg.batch_size)
+        print(f"detection head: loss weight {cfg.det_weight}, strides {model.det.strides}, "
+              f"features of blocks {model.taps}")
     stage1 = _copy_state(model)
     ingredients = []
     for k, lr in enumerate((cfg.lr_finetune, *cfg.soup_lrs)):
         spec = StageSpec("finetune" if k == 0 else f"finetune{k + 1}", trainable, forward,
                          lambda e: (cached.views[(e - 1) % cfg.views][0], cached.y_train),
                          (cached.val_act, cached.y_val), epochs=cfg.epochs_finetune, lr=lr,
-                         schedule=cfg.schedule, start_from=stage1, aux=aux)
+                         schedule=cfg.schedule, start_from=stage1, aux=aux,
+                         val_metrics=val_metrics)
         history = Stage(spec, rs, history).run()
         ingredients.append(_copy_state(model))
     if len(ingredients) > 1:
