@@ -57,9 +57,12 @@ def add_arguments(p) -> None:
 
 
 def ci_text(entry: dict, digits: int = 3) -> str:
-    """``0.925 [0.885, 0.960]`` of one metric entry (value and its 95% CI)."""
-    lo, hi = entry["ci95"]
-    return f"{entry['value']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    """``0.925 [0.885, 0.960]`` of one metric entry (value and its 95% CI); ``n/a`` for what
+    the data cannot estimate (one class only: None or NaN)."""
+    from bonefrac.evaluation.model_card import fmt
+
+    lo, hi = (entry.get("ci95") or [None, None])[:2]
+    return f"{fmt(entry.get('value'), digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
 
 
 def run(args) -> int:

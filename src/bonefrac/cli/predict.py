@@ -216,7 +216,6 @@ def _write_studies(out: Path, ckpt: Checkpoint, files: list[Path], info: dict,
 
     studies = study_rows(ckpt.res.rows, studies_of(files),
                          study_ids(files) if with_ids else None)
-
     write_studies(out, studies, info)
     print(f"{len(studies)} DICOM stud{'y' if len(studies) == 1 else 'ies'} -> {out}/studies.csv",
           file=sys.stderr)
