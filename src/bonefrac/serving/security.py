@@ -46,6 +46,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bonefrac import InputError
 from bonefrac.serving.audit import AuditLog, now_iso
 from bonefrac.serving.auth import TokenFileError, TokenStore
 from bonefrac.serving.limits import json_error
@@ -100,6 +101,27 @@ class SecurityConfig:
     refusal_interval_s: float = 60.0
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
     hsts: bool = False
+
+    def __post_init__(self):
+        """The rules ``bonefrac serve`` enforces on its options, so that ``create_app()``
+        cannot be given a configuration the CLI would refuse (``InputError``, one line)."""
+        if self.token_file is not None and not Path(self.token_file).is_file():
+            raise InputError(f"token_file {self.token_file}: no such file (make it with "
+                             "`bonefrac token create`)")
+        if self.rate_per_minute is not None and not self.rate_per_minute > 0:
+            raise InputError("rate_per_minute must be > 0 (None: no rate limit)")
+        if self.rate_burst < 1 or self.audit_max_bytes < 4096:
+            raise InputError("rate_burst must be >= 1 and audit_max_bytes >= 4096")
+        if any(v is not None and v < 1 for v in (self.client_concurrency,
+                                                  self.public_concurrency)):
+            raise InputError("client_concurrency and public_concurrency must be >= 1 (None: "
+                             "no limit)")
+        if (self.audit_keep is not None and self.audit_keep < 0) or self.audit_anchor_every < 0:
+            raise InputError("audit_keep and audit_anchor_every must be >= 0")
+        if not self.refusal_interval_s > 0:
+            raise InputError("refusal_interval_s must be > 0 seconds")
+        if not all(isinstance(o, str) and o for o in self.cors_origins):
+            raise InputError("cors_origins must be non-empty strings")
 
 
 def scrub_paths(text: str) -> str:
