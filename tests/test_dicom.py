@@ -19,60 +19,21 @@ from PIL import Image
 pydicom = pytest.importorskip("pydicom")
 
 from helpers import ROOT, TINY_SIZE, load_script, real_images  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import (  # noqa: E402
-    ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
     RLELossless,
-    generate_uid,
 )
 
 from bonefrac.data.dicom import dicom_to_pil  # noqa: E402
 from bonefrac.data.io import ImageReadError, ImageRefused, load_gray  # noqa: E402
+from bonefrac.testing.dicom import write_dicom  # noqa: E402
 
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 JPEG_XL_LOSSLESS = "1.2.840.10008.1.2.4.110"  # in the standard since 2024; no pydicom decoder
 MPEG2_MPML = "1.2.840.10008.1.2.4.100"
-
-
-def write_dicom(path: Path, pixels: np.ndarray | None, photometric: str = "MONOCHROME2",
-                bits_stored: int | None = None, preamble: bool = True,
-                sop_class: str = DX_STORAGE, **attrs) -> Path:
-    """Write a single-image DICOM file (Explicit VR Little Endian) from ``pixels``.
-
-    ``pixels``: ``(rows, cols)`` uint8/uint16/int16 or ``(rows, cols, 3)`` uint8 RGB, or None
-    for an object without pixel data. Extra keyword arguments become DICOM attributes.
-    """
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape[:2]
-        ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
-        if pixels.ndim == 3:
-            ds.PlanarConfiguration = 0
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = pixels.dtype.itemsize * 8
-        ds.BitsStored = bits_stored or ds.BitsAllocated
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = int(pixels.dtype.kind == "i")
-        ds.PixelData = np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")
-                                                           ).tobytes()
-    for k, v in attrs.items():
-        setattr(ds, k, v)
-    if preamble:
-        ds.save_as(path, enforce_file_format=True)
-    else:  # a bare data set, as old archives and some exporters write them
-        del ds.file_meta
-        ds.save_as(path, implicit_vr=True, little_endian=True)
-    return path
 
 
 def real_gray(i: int = 0) -> np.ndarray:
