@@ -4,8 +4,8 @@ and with the security layer on, in one invocation.
 Starts two real servers in subprocesses (``python -m bonefrac serve`` on free 127.0.0.1 ports):
 **plain** (no token, HTTP, no audit) and **secure** (``--token-file`` from a real
 ``bonefrac token create``, HTTPS with a self-signed certificate made by openssl,
-``--audit-log``). Both get a rate limit too high to bite, so the limiter runs but never
-throttles. Each is warmed up, then gets ``--requests`` real radiographs (every
+``--audit-log``). Both get rate and in-flight limits too high to bite, so the limiters run
+but never throttle. Each is warmed up, then gets ``--requests`` real radiographs (every
 ``--explain-every``-th with the heat map) from ``--concurrency`` concurrent httpx clients, in
 ``--rounds`` blocks alternated plain/secure/secure/plain... so that drift in the machine's load
 falls on both alike. It checks that
@@ -119,8 +119,10 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-# Far above what the benchmark sends: the limiter runs on every request but never refuses.
-NO_THROTTLE = ["--rate-limit", "100000000", "--rate-burst", "100000"]
+# Far above what the benchmark sends: the limiters run on every request but never refuse
+# (one token sends all --concurrency requests at once, over serve's default of 8 in flight).
+NO_THROTTLE = ["--rate-limit", "100000000", "--rate-burst", "100000",
+               "--client-concurrency", "100000"]
 
 
 def start_server(model: Path, port: int, workers: int, queue: int, logfile,

@@ -66,3 +66,37 @@ def serving(app, tls: tuple[Path, Path] | None = None):
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_cli(*args: str, model: Path = SHIPPED_ENSEMBLE, https: bool = False, verify=True):
+    """``python -m bonefrac serve --model MODEL ARGS`` on a free loopback port, answering
+    ``/healthz`` (``https``: checked with ``verify``, an ``ssl.SSLContext``); yields (base URL,
+    process). On leaving, SIGINT must stop it with exit 0; its output is then ``proc.out``."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bonefrac", "serve", "--model", str(model), "--port", str(port),
+         *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"{'https' if https else 'http'}://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/healthz", verify=verify, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url, proc
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        proc.out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -6,19 +6,14 @@ ensemble (224 px: no training run needed); the CLI cases run `python -m bonefrac
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLES, SHIPPED_ENSEMBLE, free_port, serving
+from helpers import EXAMPLES, SHIPPED_ENSEMBLE, serve_cli, serving
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -51,33 +46,6 @@ def make_tokens(path: Path, *names: str) -> dict[str, str]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@contextlib.contextmanager
-def serve_cli(*args: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``python -m bonefrac serve --model v1 ARGS`` on a free loopback port, up; yields (URL,
-    process); stops it with SIGINT (exit 0 asserted) and leaves its output in ``proc.out``."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bonefrac", "serve", "--model", str(SHIPPED_ENSEMBLE), "--port",
-         str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        yield url, proc
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
-        proc.out = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # ------------------------------------------------------------------ 1. audit-log flooding

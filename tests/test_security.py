@@ -10,8 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EXAMPLES, SHIPPED_ENSEMBLE, serving
+from helpers import EXAMPLES, SHIPPED_ENSEMBLE, serve_cli, serving
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -425,37 +423,16 @@ def test_serve_cli_https_with_tokens_and_audit_end_to_end(tmp_path, cert, capsys
     assert main(["token", "create", "--token-file", str(f), "--name", "ward"]) == 0
     token = capsys.readouterr().out.strip()
     audit = tmp_path / "audit.jsonl"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bonefrac", "serve", "--model", str(SHIPPED_ENSEMBLE),
-         "--port", str(port), "--log-level", "warning", "--token-file", str(f),
-         "--tls-cert", str(cert[0]), "--tls-key", str(cert[1]), "--audit-log", str(audit)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ca = ssl.create_default_context(cafile=str(cert[0]))
-    url = f"https://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/healthz", verify=ca, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with serve_cli("--log-level", "warning", "--token-file", str(f), "--tls-cert",
+                   str(cert[0]), "--tls-key", str(cert[1]), "--audit-log", str(audit),
+                   https=True, verify=ca) as (url, proc):
         assert httpx.get(url + "/v1/model", verify=ca).status_code == 401
         r = httpx.post(url + "/v1/predict", files=upload(IMAGES[1]), verify=ca,
                        headers=bearer(token), timeout=60)
         assert r.status_code == 200 and "strict-transport-security" in r.headers
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
-        out = proc.stdout.read()
-        assert f"https://127.0.0.1:{port}/" in out and "tokens from" in out
-        assert token not in out and "Traceback" not in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert f"{url}/" in proc.out and "tokens from" in proc.out
+    assert token not in proc.out and "Traceback" not in proc.out
     assert main(["audit", "verify", str(audit)]) == 0
     assert "2 lines" in capsys.readouterr().out
     assert [json.loads(x)["client"] for x in audit.read_text().splitlines()] == [None, "ward"]
