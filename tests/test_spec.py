@@ -215,3 +215,21 @@ def test_baseline_shares_v1s_member_files():
     for key in ("onnx", "weights"):
         assert base.member_file(m, key).resolve() == v1.member_file(v1m, key).resolve()
     assert Path(base.root, m.onnx).resolve().parent == v1.root.resolve()
+
+
+@pytest.mark.slow
+def test_exporting_the_baseline_copies_v1s_files_in_and_writes_nothing_beside_it(tmp_path):
+    """A folder that names a sibling's file exports (and adapts) to a folder that stands alone."""
+    pytest.importorskip("torch")
+    from bonefrac.export.onnx import export_model
+
+    out = tmp_path / "exported" / "baseline"
+    export_model(SHORT_NAMES["baseline"], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+    m = ModelFolder.open(out).spec.members[0]
+    assert (m.onnx, m.weights, m.history) == ("mobilenetv2.onnx", "mobilenetv2.safetensors",
+                                              "mobilenetv2_history.json")
+    files = real_images(2)
+    a, b = Ensemble.load(out, backend="onnx"), Ensemble.load("baseline", backend="onnx")
+    gray = {s: np.stack([load_gray(f, s, b.resize) for f in files]) for s in b.sizes}
+    assert np.allclose(a.predict_gray(gray).prob, b.predict_gray(gray).prob, atol=1e-5)

@@ -65,7 +65,8 @@ def export_model(model_dir: str | Path, out: str | Path) -> Path:
         for key in ("weights", "history"):
             f = spec.get(key)
             if f and (src / f).resolve() != (out / f).resolve():
-                shutil.copy2(src / f, out / f)
+                spec[key] = Path(f).name  # a sibling folder's file is copied in: out stands alone
+                shutil.copy2(src / f, out / spec[key])
         spec["weights_sha256"] = sha256_file(out / spec["weights"])
     gate = meta.get("domain_gate")  # the same weights give the same features: it stays valid
     if gate and (src / gate["file"]).resolve() != (out / gate["file"]).resolve():

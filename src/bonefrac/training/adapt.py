@@ -244,8 +244,10 @@ def _recalibrate(parent: ModelFolder, index: DatasetIndex, out: Path, new_id: st
     meta = copy.deepcopy(parent.meta)
     for spec in meta["members"]:
         for key in ("onnx", "weights", "history"):
-            if spec.get(key):
-                shutil.copy2(parent.root / spec[key], out / spec[key])
+            if spec.get(key):  # a sibling folder's file (weights stored once) is copied in
+                name = Path(spec[key]).name
+                shutil.copy2(parent.root / spec[key], out / name)
+                spec[key] = name
     gate = meta.get("domain_gate")
     for k in ("domain_gate", "domain_gate_skipped", "validation", "fitted_on"):
         meta.pop(k, None)  # refitted below: nothing of the parent's fit may linger
