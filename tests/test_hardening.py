@@ -24,7 +24,7 @@ from bonefrac.inference.ensemble import Ensemble  # noqa: E402
 from bonefrac.serving import create_app  # noqa: E402
 from bonefrac.serving.audit import rotated_files, verify  # noqa: E402
 from bonefrac.serving.auth import TokenStore  # noqa: E402
-from bonefrac.serving.security import ENDPOINT_MAX  # noqa: E402
+from bonefrac.serving.security import ENDPOINT_MAX, SecurityConfig  # noqa: E402
 
 IMAGE = sorted(EXAMPLES.glob("*.jpg"))[0]
 
@@ -70,6 +70,28 @@ def test_500_refused_requests_with_14kb_paths_add_at_most_256kb(ens, tmp_path):
     # at shutdown the counted ones are written: every refusal is accounted for
     assert len(full) + sum(r["count"] for r in summaries) == 500
     assert log.stat().st_size <= 256 * 1024 and verify([log]).lines == len(recs)
+
+
+def test_refusal_summary_is_written_when_its_window_ends(ens, tmp_path):
+    """While the server runs (not only at shutdown): the counted refusals of a window appear
+    as one line once the window is over."""
+    make_tokens(tmp_path / "t.json", "alice")
+    log = tmp_path / "audit.jsonl"
+    cfg = SecurityConfig(token_file=tmp_path / "t.json", audit_log=log, refusal_interval_s=1)
+    with serving(create_app(ens, security=cfg)) as url:
+        for _ in range(10):
+            assert httpx.get(url + "/v1/model", timeout=30).status_code == 401
+        deadline = time.monotonic() + 10
+        while '"refused"' not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        running = [json.loads(x) for x in log.read_text().splitlines()]
+    assert running[0].get("event") is None and running[1]["event"] == "refused"
+    # after shutdown (a slow machine may have opened further windows): all accounted for
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    summaries = [r for r in recs if r.get("event") == "refused"]
+    assert len(recs) - len(summaries) + sum(r["count"] for r in summaries) == 10
+    assert {(r["remote"], r["auth"], r["status"]) for r in summaries} == \
+        {("127.0.0.1", "missing", 401)}
 
 
 def test_audit_keep_bounds_the_rotated_files(ens, tmp_path):
@@ -136,6 +158,19 @@ def test_token_b_gets_200_while_token_a_holds_18_slow_uploads(ens, tmp_path, lim
         assert statuses.count(None) == 8 and statuses.count(429) == 10, statuses
     else:
         assert statuses == [None] * 18, statuses
+
+
+def test_without_tokens_the_in_flight_limit_is_per_address(ens, tmp_path):
+    cfg = serve_defaults("--client-concurrency", "2")
+    with serving(create_app(ens, security=cfg)) as url:
+        held = [slow_upload(url, "unused") for _ in range(3)]
+        try:
+            time.sleep(0.5)
+            statuses = [answered(s) for s in held]
+        finally:
+            for s in held:
+                s.close()
+    assert sorted(statuses, key=str) == [429, None, None], statuses
 
 
 def test_stalled_upload_gets_408_after_the_body_idle_timeout(ens, tmp_path):
