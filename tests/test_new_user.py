@@ -295,3 +295,8 @@ def test_explain_help_and_web_page_name_the_shipped_heat_map_kind():
     page = (ROOT / "src/bonefrac/serving/static/index.html").read_text()
     assert "for the shipped model, its trained fracture map" in page
     assert "Grad-CAM heat map overlay" not in page
+    pytest.importorskip("fastapi")
+    from bonefrac.serving.app import create_app
+
+    docs = create_app(SHIPPED_V2).description  # the text of /docs
+    assert "the shipped model: its trained fracture map" in docs and "Grad-CAM heat" not in docs

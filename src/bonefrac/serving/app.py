@@ -213,7 +213,9 @@ def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict,
 
     app = FastAPI(
         title="bonefrac", version=__version__, lifespan=lifespan,
-        description="P(fractured) for musculoskeletal radiographs, with Grad-CAM heat maps. "
+        description="P(fractured) for musculoskeletal radiographs, with heat maps (the "
+                    "shipped model: its trained fracture map; ensemble-224, baseline: "
+                    "Grad-CAM). "
                     + ("Every /v1 route needs 'Authorization: Bearer TOKEN' (a token from "
                        "`bonefrac token create`); 401 without one, 429 over the rate limit. "
                        if security.token_file else "") + DISCLAIMER,
