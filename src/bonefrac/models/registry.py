@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from bonefrac import UnknownNameError
 from bonefrac.models.net import Backbone, FractureNet
@@ -27,7 +28,8 @@ def list_models() -> dict[str, str]:
 
 def create_model(name: str, weights: str | None = "imagenet", *, hidden: int = 256,
                  dropout: float = 0.3, loc_head: bool = False,
-                 det_head: bool = False) -> FractureNet:
+                 det_head: bool = False, size: int | None = None,
+                 resize: str | None = None) -> FractureNet:
     """Build a fracture classifier: a named backbone + GAP -> Dense+ReLU -> Dropout -> Dense(2).
 
     Args:
@@ -37,6 +39,8 @@ def create_model(name: str, weights: str | None = "imagenet", *, hidden: int = 2
             ``None``/``"none"`` for random initialisation.
         loc_head: add the 1x1-conv fracture map trained against fracture boxes.
         det_head: add the FCOS-style detection head (:mod:`bonefrac.models.detect`).
+        size, resize: the input square (pixels; ``stretch`` / ``letterbox``) the network is
+            built for; None keeps the backbone's own (224 px, stretched), with its mean/std.
     """
     _ensure_loaded()
     if name not in _REGISTRY:
@@ -44,6 +48,9 @@ def create_model(name: str, weights: str | None = "imagenet", *, hidden: int = 2
     if isinstance(weights, str) and weights.lower() == "none":
         weights = None
     backbone = _REGISTRY[name](weights=weights)
+    geometry = {k: v for k, v in (("size", size), ("resize", resize)) if v is not None}
+    if geometry:  # set before the network exists: nothing changes it afterwards
+        backbone = replace(backbone, preprocessing=replace(backbone.preprocessing, **geometry))
     return FractureNet(name, backbone, hidden=hidden, dropout=dropout, loc_head=loc_head,
                        det_head=det_head)
 

@@ -30,7 +30,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -835,12 +835,10 @@ def _build_model(data: str | Path, cfg: TrainConfig, ctx: Dist
         raise ValueError("--det-weight needs fracture boxes (DATA/boxes.csv or --boxes) and "
                          "--loc-weight > 0")
     model = create_model(cfg.arch, cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout,
-                         loc_head=boxes is not None, det_head=cfg.det_weight > 0)
+                         loc_head=boxes is not None, det_head=cfg.det_weight > 0,
+                         size=cfg.size or None, resize=cfg.resize)
     if cfg.init_from:
         warm_start(model, cfg.init_from)
-    if cfg.size:
-        model.preprocessing = replace(model.preprocessing, size=cfg.size)
-    model.preprocessing = replace(model.preprocessing, resize=cfg.resize)
     return ctx.place(model), boxes
 
 
