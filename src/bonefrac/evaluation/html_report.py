@@ -173,8 +173,9 @@ def _localisation(inp: ReportInputs, warnings: list[str]) -> list[str]:
     if inp.localisation_misses:
         out += ["<h3>Worst misses</h3>",
                 "<p class='muted'>The pointing-game misses whose peak lies farthest from a "
-                "box: the model's input with its heat map, the fracture boxes in green, the "
-                "predicted box in yellow and the peak as a red cross.</p>",
+                "box: each image in its own frame (a letterbox model's black bars cropped "
+                "off) with its heat map, the fracture boxes in green, the predicted box in "
+                "yellow and the peak as a red cross.</p>",
                 _miss_gallery(inp.localisation_misses, warnings)]
     return out
 
