@@ -122,6 +122,8 @@ def test_unknown_keys_survive_a_rewrite(tmp_path):
     assert spec.points.points["triage"].extra == {"future_point_key": "x"}
     assert read_json(model / META_NAME) == plain(meta)
     jsonschema.validate(read_json(model / META_NAME), json_schema())
+    with pytest.raises(AttributeError):  # a misspelt field fails, it is not silently dropped
+        spec.box_treshold = 0.5
 
 
 @pytest.mark.parametrize(("damage", "message"), [

@@ -50,7 +50,7 @@ def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclass
     return field(default=default, metadata={"doc": text})
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)  # slots: a misspelt attribute is an error
 class MemberSpec:
     """One member network of a model, as its entry in ``members`` stores it."""
 
@@ -89,7 +89,7 @@ class MemberSpec:
         return _from_dict(cls, d, where=f"member {d.get('name', '?')}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)  # slots: a misspelt attribute is an error
 class ModelSpec:
     """A model folder's meta (``ensemble_meta.json``; a run's ``model.json`` is seen as one)."""
 
@@ -111,6 +111,7 @@ class ModelSpec:
     threshold_how: str | None = _doc("how the default threshold was chosen", None)
     threshold_note: str | None = _doc("a note on the threshold (e.g. not fitted)", None)
     box_threshold: float | None = _doc("detection score a box needs to be shown", None)
+    box_threshold_how: str | None = _doc("how the box threshold was chosen", None)
     box_threshold_how: str | None = _doc("how the box threshold was chosen (on validation)", None)
     validation: dict | None = _doc("what the fit measured on validation", None)
     fitted_on: dict | None = _doc("data, fingerprint, split sizes and date of the fit", None)
