@@ -111,7 +111,6 @@ class ModelSpec:
     threshold_how: str | None = _doc("how the default threshold was chosen", None)
     threshold_note: str | None = _doc("a note on the threshold (e.g. not fitted)", None)
     box_threshold: float | None = _doc("detection score a box needs to be shown", None)
-    box_threshold_how: str | None = _doc("how the box threshold was chosen", None)
     box_threshold_how: str | None = _doc("how the box threshold was chosen (on validation)", None)
     validation: dict | None = _doc("what the fit measured on validation", None)
     fitted_on: dict | None = _doc("data, fingerprint, split sizes and date of the fit", None)
