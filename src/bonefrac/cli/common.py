@@ -71,7 +71,7 @@ def torch_note(root: Path, backend: str) -> str:
     if backend != "auto":
         return ""
     folder = ModelFolder.open(root)
-    if all(spec.get("onnx") for spec in folder.members):
+    if all(m.onnx for m in folder.spec.members):
         return ""
     return (f"note: {root} has no ONNX export, so --backend auto runs it with PyTorch (slow "
             f"to start); export it once: bonefrac export --model {root} --out {root}")
