@@ -13,6 +13,7 @@ tracebacks go to the server log, never into a response.
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -156,7 +157,9 @@ def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain:
     isolated decode pool: a file that crashes or hangs its decoder is a 422, never a 500);
     prediction and rows are the CLI's own (:func:`bonefrac.inference.predict.predict_decoded`).
     Returns (rows, errors): a row per good file (the CLI's predictions.json row, ``decision``
-    at operating point ``point``, plus ``index`` and, with ``explain``, the images of
+    at operating point ``point``, plus ``index``, ``shown_detections`` (the boxes the overlay
+    and the web page draw: :func:`bonefrac.inference.detections.shown_detections`) and, with
+    ``explain``, the images of
     :func:`explain_fields`) and ``{"index", "file", "status", "reason"}`` per bad one.
     """
     decoded, errors = [], []
@@ -177,7 +180,7 @@ def predict_uploads(ens: Ensemble, uploads: list[tuple[str, BinaryIO]], explain:
     threshold = ens.points.threshold(point)
     out = []
     for j, ((i, _, d, _), row) in enumerate(zip(decoded, rows, strict=True)):
-        row = {"index": i, **row}
+        row = {"index": i, **row, "shown_detections": shown_detections(row, ens.box_threshold)}
         if explain:
             row.update(explain_fields(ens, pred, j, row, d.display, threshold))
         out.append(row)
@@ -208,6 +211,8 @@ def _new_app(ens: Ensemble, executor: ThreadPoolExecutor, limits: dict,
         executor.shutdown(wait=False, cancel_futures=True)
         if audit is not None:
             flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
             await write_audit(audit, refusals.due(None))  # no counted refusal left unwritten
             audit.close()
 
