@@ -154,7 +154,7 @@ class TrainConfig:
             raise InputError("loc_weight must be >= 0 (0 = off) and loc_pos_weight > 0, got "
                              f"{self.loc_weight}, {self.loc_pos_weight}")
         if self.det_weight < 0:
-            raise ValueError(f"det_weight must be >= 0 (0 = off), got {self.det_weight}")
+            raise InputError(f"det_weight must be >= 0 (0 = off), got {self.det_weight}")
         if self.mixup < 0:
             raise InputError(f"mixup must be >= 0 (0 = off), got {self.mixup}")
         if any(lr <= 0 for lr in (self.lr_frozen, self.lr_finetune, *self.soup_lrs)):

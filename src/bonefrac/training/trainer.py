@@ -832,7 +832,7 @@ def _build_model(data: str | Path, cfg: TrainConfig, ctx: Dist
     if boxes is not None and cfg.mixup:
         raise InputError("--mixup cannot be combined with box supervision (use --loc-weight 0)")
     if cfg.det_weight > 0 and boxes is None:
-        raise ValueError("--det-weight needs fracture boxes (DATA/boxes.csv or --boxes) and "
+        raise InputError("--det-weight needs fracture boxes (DATA/boxes.csv or --boxes) and "
                          "--loc-weight > 0")
     model = create_model(cfg.arch, cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout,
                          loc_head=boxes is not None, det_head=cfg.det_weight > 0,
@@ -928,7 +928,7 @@ def _stage2(rs: RunSetup, cached: Cached, history: list[dict]) -> list[dict]:
     if model.det is not None:
         start = model.n_blocks - cfg.unfreeze_blocks
         if min(model.taps) < start - 1:
-            raise ValueError(f"--unfreeze-blocks {cfg.unfreeze_blocks} freezes the detector's "
+            raise InputError(f"--unfreeze-blocks {cfg.unfreeze_blocks} freezes the detector's "
                              f"stride-8 features (block {min(model.taps)}): unfreeze at least "
                              f"{model.n_blocks - min(model.taps) - 1}")
         forward = partial(_forward_with_det, model, start)

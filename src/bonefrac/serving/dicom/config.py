@@ -240,16 +240,17 @@ def read_secret(path: Path, basic: bool = False) -> str:
     must be ``user:password``. Read at each send, so a rotated file takes effect at once.
 
     Raises:
-        ValueError: unreadable, empty, or (``basic``) without a colon; names the file.
+        ConfigError: (a ValueError) unreadable, empty, or (``basic``) without a colon; names
+            the file.
     """
     try:
         text = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        raise ConfigError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     if not text or "\n" in text:
-        raise ValueError(f"{path}: must hold one non-empty line")
+        raise ConfigError(f"{path}: must hold one non-empty line")
     if basic and ":" not in text:
-        raise ValueError(f"{path}: must hold user:password")
+        raise ConfigError(f"{path}: must hold user:password")
     return text
 
 
