@@ -95,16 +95,21 @@ def _expect_result(page, server, img: Path) -> dict:
     assert page.text_content("#box-score") == f"{api['box_score']:.2f}"
     assert page.text_content("#peak-xy").startswith(
         f"x {_pct(api['peak_x'])}, y {_pct(api['peak_y'])}")
-    assert _pct(api["box_x0"]) in page.text_content("#box-xy")
-    assert page.is_visible("#loc-box") and page.is_visible("#loc-peak")
+    assert page.is_visible("#loc-peak")
     wait_until(page, "document.querySelector('#radiograph').getBoundingClientRect().width > 0")
     base = page.locator("#radiograph").bounding_box()
-    box = page.locator("#loc-box").bounding_box()
-    want = {"x": base["x"] + api["box_x0"] * base["width"],
-            "y": base["y"] + api["box_y0"] * base["height"],
-            "width": (api["box_x1"] - api["box_x0"]) * base["width"],
-            "height": (api["box_y1"] - api["box_y0"]) * base["height"]}
-    assert box == pytest.approx(want, abs=1.5)
+    shown = api["shown_detections"]  # the boxes the overlay draws too
+    assert page.locator(".loc-box:visible").count() == len(shown)
+    if not shown:
+        assert "none shown" in page.text_content("#box-xy")
+    for el, d in zip(page.locator(".loc-box:visible").all(), shown, strict=True):
+        assert _pct(d["x0"]) in page.text_content("#box-xy")
+        assert el.text_content() == f"{d['rank']}: {d['score']:.2f}"
+        want = {"x": base["x"] + d["x0"] * base["width"],
+                "y": base["y"] + d["y0"] * base["height"],
+                "width": (d["x1"] - d["x0"]) * base["width"],
+                "height": (d["y1"] - d["y0"]) * base["height"]}
+        assert el.bounding_box() == pytest.approx(want, abs=1.5)
     peak = page.locator("#loc-peak").bounding_box()
     assert peak["x"] + peak["width"] / 2 == pytest.approx(
         base["x"] + api["peak_x"] * base["width"], abs=1.5)

@@ -190,7 +190,7 @@ def test_tiny_training_run_learns_a_bright_rectangle(tmp_path, monkeypatch):
 
     monkeypatch.setenv("BONEFRAC_CACHE", str(tmp_path / "cache"))
     _rectangles(tmp_path / "data")
-    cfg = TrainConfig(size=96, resize="letterbox", epochs_frozen=0, epochs_finetune=6, views=3,
+    cfg = TrainConfig(size=96, resize="letterbox", epochs_frozen=0, epochs_finetune=16, views=4,
                       batch_size=8, lr_finetune=2e-3, loc_weight=1.0, det_weight=1.0,
                       monitor="val_ap50")
     run = train(tmp_path / "data", tmp_path / "run", cfg, finalize=False)

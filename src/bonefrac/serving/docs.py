@@ -42,6 +42,9 @@ PREDICTION_FIELDS: tuple[tuple[str, str], ...] = (
     ("detections", "every scored box, best first: rank, score and x0, y0, x1, y1 (fractions "
                    "of the image); the overlay shows those at or above the model's box "
                    "threshold, and none unless the decision is fractured"),
+    ("shown_detections", "the detections to draw: those at or above the model's box "
+                         "threshold, none unless the decision is fractured (what the overlay "
+                         "and the web page show)"),
     ("heatmap_png_base64", "with explain: PNG of the overlay figure: the image at its own size "
                            "and aspect with the map (faded in proportion to P / threshold "
                            "below the threshold), the box, the peak, a colour bar and a "

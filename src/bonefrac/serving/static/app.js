@@ -137,25 +137,36 @@ function render(data, file) {
   $("status").textContent = "Done.";
 }
 
-// The box and peak: fractions of the image's width/height, so % of the stack that the image
-// fills. Positions are set through the style object (allowed by the CSP, unlike style="").
+// The boxes shown (the row's shown_detections: at or above the model's box threshold, none
+// unless the decision is fractured) and the peak: fractions of the image's width/height, so %
+// of the stack that the image fills. Positions are set through the style object (allowed by
+// the CSP, unlike style=""); the first box is #loc-box, the others are copies of it.
 function showLocalisation(p) {
-  const box = [p.box_x0, p.box_y0, p.box_x1, p.box_y1];
-  const hasBox = box.every(isNum), hasPeak = isNum(p.peak_x) && isNum(p.peak_y);
+  const shown = p.shown_detections || [];
+  const hasPeak = isNum(p.peak_x) && isNum(p.peak_y);
   const b = $("loc-box"), k = $("loc-peak");
-  b.hidden = !hasBox;
+  document.querySelectorAll(".loc-box.extra").forEach((el) => el.remove());
+  b.hidden = shown.length === 0;
   k.hidden = !hasPeak;
-  $("loc").hidden = !(hasBox || hasPeak);
-  if (hasBox) {
-    b.style.left = css(box[0]);
-    b.style.top = css(box[1]);
-    b.style.width = css(box[2] - box[0]);
-    b.style.height = css(box[3] - box[1]);
-    $("box-xy").textContent = `x ${pct(box[0])} to ${pct(box[2])}, y ${pct(box[1])} to ` +
-                              `${pct(box[3])} of the width and height`;
-  } else {
-    $("box-xy").textContent = "not available";
-  }
+  $("loc").hidden = false;
+  shown.forEach((d, i) => {
+    const el = i === 0 ? b : b.cloneNode(false);
+    if (i > 0) {
+      el.removeAttribute("id");
+      el.classList.add("extra");
+      $("stack").appendChild(el);
+    }
+    el.style.left = css(d.x0);
+    el.style.top = css(d.y0);
+    el.style.width = css(d.x1 - d.x0);
+    el.style.height = css(d.y1 - d.y0);
+    el.textContent = `${d.rank}: ${d.score.toFixed(2)}`;
+  });
+  $("box-xy").textContent = shown.length
+    ? shown.map((d) => `#${d.rank} x ${pct(d.x0)} to ${pct(d.x1)}, y ${pct(d.y0)} to ` +
+                       `${pct(d.y1)} (score ${d.score.toFixed(2)})`).join("; ")
+    : "none shown (the decision is not fractured, or no box scores at or above the " +
+      "model's box threshold)";
   if (hasPeak) {
     k.style.left = css(p.peak_x);
     k.style.top = css(p.peak_y);
