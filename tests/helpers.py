@@ -19,6 +19,7 @@ EXAMPLES = ROOT / "examples" / "test_images"
 # v1 (224 px, "ensemble-224"); the default model ("ensemble") is v2.
 SHIPPED_ENSEMBLE = ROOT / "src" / "bonefrac" / "pretrained" / "ensemble_bone-fracture_v1"
 SHIPPED_V2 = ROOT / "src" / "bonefrac" / "pretrained" / "ensemble_bone-fracture_v2"
+SHIPPED_V3 = ROOT / "src" / "bonefrac" / "pretrained" / "ensemble_bone-fracture_v3"  # default
 SHIPPED_BASELINE = ROOT / "src" / "bonefrac" / "pretrained" / "mobilenetv2_bone-fracture_v1"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "bone-fracture"
 TINY_SIZE = 96  # small inputs keep the real training runs in tests to seconds

@@ -14,7 +14,7 @@ from dataclasses import FrozenInstanceError, fields
 
 import numpy as np
 import pytest
-from helpers import ROOT, SHIPPED_ENSEMBLE, SHIPPED_V2, real_images
+from helpers import ROOT, SHIPPED_ENSEMBLE, SHIPPED_V2, SHIPPED_V3, real_images
 from PIL import Image
 
 import bonefrac
@@ -126,14 +126,15 @@ def test_operating_point_drives_decision(model):
 
 
 def test_load_accepts_short_names_and_folders():
-    assert bonefrac.load("ensemble").root == SHIPPED_V2
+    assert bonefrac.load("ensemble").root == SHIPPED_V3
+    assert bonefrac.load("ensemble-v2").root == SHIPPED_V2
     assert bonefrac.load("ensemble-224").root == SHIPPED_ENSEMBLE
-    assert bonefrac.load(SHIPPED_V2).model_id == bonefrac.load().model_id
+    assert bonefrac.load(SHIPPED_V3).model_id == bonefrac.load().model_id
     assert bonefrac.inference.Ensemble.load("baseline").model_id.startswith("mobilenetv2")
 
 
 def test_cli_operating_point_column_and_json(tmp_path):
-    meta = json.loads((SHIPPED_V2 / "ensemble_meta.json").read_text())  # the default model
+    meta = json.loads((SHIPPED_V3 / "ensemble_meta.json").read_text())  # the default model
     t = meta["operating_points"]["confirmation"]["threshold"]
     data, rows = _cli_rows(tmp_path, *real_images(4), "--operating-point", "confirmation")
     assert data["operating_point"] == "confirmation"

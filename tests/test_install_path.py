@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, real_images
 
 from bonefrac.cli.main import is_expected
 from bonefrac.evaluation.thresholds import parse_policy
 from bonefrac.inference.model_folder import ModelFileError
 
-ROOT = Path(__file__).resolve().parent.parent
 TORCH = ("torch", "torchvision", "timm", "safetensors", "onnx", "onnxscript")
 
 
@@ -53,10 +53,12 @@ def test_evaluate_without_matplotlib_fails_fast_with_the_pip_line(tmp_path):
     (("train", "--data", "D", "--out", "O"), "train"),
     (("export", "--out", "O"), "train"),
     (("ensemble", "fit", "--members", "A", "--data", "D", "--out", "O"), "train"),
-    (("predict", "x.jpg", "--backend", "torch", "--out", "{tmp}"), "train"),
+    # a real image: predict checks its inputs before its backend
+    (("predict", "{img}", "--backend", "torch", "--out", "{tmp}"), "train"),
 ])
 def test_torch_commands_without_torch_give_the_pip_line(tmp_path, argv, extra):
-    out = cli_without(TORCH, *(a.format(tmp=tmp_path / "o") for a in argv))
+    out = cli_without(TORCH, *(a.format(tmp=tmp_path / "o", img=real_images(1)[0])
+                               for a in argv))
     assert out.returncode == 1, out.stderr
     assert f"pip install -e '.[{extra}]'" in out.stderr and "Traceback" not in out.stderr
 

@@ -51,20 +51,29 @@ def test_evaluate_compare_with_adds_both_models_to_comparison_md(tmp_path):
     assert "false negatives" in text and text.count("| 0.") >= 2
 
 
-def test_v2_is_the_default_and_v1_stays_selectable_by_name():
-    from bonefrac.inference.model_folder import DEFAULT_MODEL, V1_MODEL, resolve_model
+def test_v3_is_the_default_and_v2_v1_stay_selectable_by_name():
+    from bonefrac.inference.model_folder import (
+        DEFAULT_MODEL,
+        V1_MODEL,
+        V2_MODEL,
+        V3_MODEL,
+        resolve_model,
+    )
 
-    assert resolve_model(None) == resolve_model("ensemble") == DEFAULT_MODEL
+    assert resolve_model(None) == resolve_model("ensemble") == DEFAULT_MODEL == V3_MODEL
+    assert resolve_model("ensemble-v2") == V2_MODEL
     assert resolve_model("ensemble-224") == resolve_model("ensemble-v1") == V1_MODEL
     assert V1_MODEL == SHIPPED_ENSEMBLE
-    v2 = Ensemble.load("ensemble")
+    v3 = Ensemble.load("ensemble")
+    assert v3.sizes == {320, 384} and v3.detector.name == "mobilenetv2" and v3.box_threshold > 0
+    v2 = Ensemble.load("ensemble-v2")
     assert v2.sizes == {320} and len(v2.members) == 2
     assert {m.heatmap for m in v2.members} == {"fracture_map"}
     assert {m.heatmap for m in Ensemble.load("ensemble-224").members} == {"gradcam"}
 
 
 def test_v2_rows_carry_a_fracture_map_peak_and_box():
-    res = predict_files(Ensemble.load("ensemble"), real_images(6), progress=False)
+    res = predict_files(Ensemble.load("ensemble-v2"), real_images(6), progress=False)
     assert len(res.rows) == 6 and not res.errors
     for r in res.rows:
         assert 0 <= r["box_x0"] <= r["peak_x"] <= r["box_x1"] <= 1

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, SHIPPED_ENSEMBLE, SHIPPED_V2, TEST_DATA, real_images
+from helpers import ROOT, SHIPPED_ENSEMBLE, SHIPPED_V2, SHIPPED_V3, TEST_DATA, real_images
 
 from bonefrac.cli.main import main
 from bonefrac.inference.model_folder import PRETRAINED
 
-NAMES = "ensemble, ensemble-224, baseline"
+NAMES = "ensemble, ensemble-v2, ensemble-224, baseline"
 
 
 def _run(capsys, *args) -> tuple[int, str, str]:
@@ -45,7 +45,7 @@ def test_report_writes_beside_the_results_and_never_into_the_package(tmp_path, c
     assert _tree_digest(PRETRAINED) == before
     # without --out, the shipped results themselves are refused as a destination
     code, _, err = _run(capsys, "report", "ensemble")
-    res = SHIPPED_V2 / "Results"
+    res = SHIPPED_V3 / "Results"
     assert code == 1 and err == (
         f"bonefrac report: error: {res} is inside the installed bonefrac package (a shipped "
         f"model's results: its report is {res / 'report.html'}); pass --out DIR to write a new "
@@ -169,14 +169,16 @@ def test_run_summary_and_column_guide(tmp_path, capsys):
     n = {k: sum(r["decision"] == k for r in rows) for k in ("fractured", "non_fractured",
                                                             "uncertain")}
     lines = stdout.splitlines()
-    assert lines[:4] == [
+    assert lines[:5] == [
         f"4 image(s): {n['fractured']} fractured, {n['non_fractured']} non_fractured, "
         f"{n['uncertain']} uncertain; 1 failed",
         f"predictions: {out}/predictions.csv (and predictions.json; columns explained in "
         f"{out}/predictions.schema.json)",
+        f"detections:  {out}/detections.csv (every scored box: file, rank, score, x0, y0, x1, "
+        "y1)",
         f"errors:      {out}/errors.csv (1 file(s), one reason each)",
         f"overlays:    {out}/heatmaps/ (3 PNG)"]
-    assert lines[4].startswith("RESEARCH USE ONLY")
+    assert lines[5].startswith("RESEARCH USE ONLY")
     schema = json.loads((out / "predictions.schema.json").read_text())
     assert schema["x-columns"] == list(rows[0])
     assert schema["disclaimer"].startswith("RESEARCH USE ONLY")

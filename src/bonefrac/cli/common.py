@@ -27,7 +27,7 @@ from bonefrac.inference.model_folder import (  # noqa: F401
 from bonefrac.inference.model_folder import resolve_model as resolve_name
 
 # The shipped models' short names, as the messages list them (SHORT_NAMES also has aliases).
-SHIPPED_NAMES = ("ensemble", "ensemble-224", "baseline")
+SHIPPED_NAMES = ("ensemble", "ensemble-v2", "ensemble-224", "baseline")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 

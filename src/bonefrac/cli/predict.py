@@ -270,6 +270,8 @@ def summary_lines(rows: list[dict], errors: list[dict], out: Path) -> list[str]:
     lines = [f"{len(rows) + len(errors)} image(s): {decided}; {len(errors)} failed",
              f"predictions: {out}/predictions.csv (and predictions.json; columns explained "
              f"in {out}/{SCHEMA_NAME})",
+             f"detections:  {out}/detections.csv (every scored box: file, rank, score, x0, "
+             "y0, x1, y1)",
              f"errors:      {out}/errors.csv" + (f" ({len(errors)} file(s), one reason each)"
                                                   if errors else " (none)")]
     overlays = sum(bool(r.get("heatmap")) for r in rows)

@@ -36,16 +36,19 @@ ENSEMBLE, RUN = "ensemble", "run"
 # The models shipped inside the package, and the short names the CLI's --model and
 # bonefrac.load() accept for them.
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
-DEFAULT_MODEL = PRETRAINED / "ensemble_bone-fracture_v2"  # 320 px, box-supervised fracture map
+V3_MODEL = PRETRAINED / "ensemble_bone-fracture_v3"  # + a detection head (384 px member)
+V2_MODEL = PRETRAINED / "ensemble_bone-fracture_v2"  # 320 px, box-supervised fracture map
+DEFAULT_MODEL = V3_MODEL
 V1_MODEL = PRETRAINED / "ensemble_bone-fracture_v1"  # the first ensemble: 224 px, Grad-CAM
 BASELINE_MODEL = PRETRAINED / "mobilenetv2_bone-fracture_v1"
-SHORT_NAMES = {"ensemble": DEFAULT_MODEL, "ensemble-v2": DEFAULT_MODEL,
+SHORT_NAMES = {"ensemble": DEFAULT_MODEL, "ensemble-v3": V3_MODEL, "ensemble-v2": V2_MODEL,
                "ensemble-224": V1_MODEL, "ensemble-v1": V1_MODEL, "baseline": BASELINE_MODEL}
 
 
 def resolve_model(value: str | os.PathLike | None) -> Path:
-    """A model given by name or path -> its folder: None -> the shipped ensemble (v2); a short
-    name of ``SHORT_NAMES`` (``"ensemble"`` = v2, ``"ensemble-224"`` = v1, ``"baseline"``) ->
+    """A model given by name or path -> its folder: None -> the shipped ensemble (v3); a short
+    name of ``SHORT_NAMES`` (``"ensemble"`` = v3, ``"ensemble-v2"`` = v2, ``"ensemble-224"`` =
+    v1, ``"baseline"``) ->
     that shipped model (a short name wins over a folder of that name in the working
     directory); anything else -> ``Path(value)``."""
     if value is None:
