@@ -42,7 +42,7 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.full
 	PYTHON=$(BIN)/python bash scripts/ci/install_browser.sh
-	bash scripts/install_orthanc.sh
+	bash scripts/ci/install_orthanc.sh
 	$(BIN)/ruff check src tests benchmarks evaluations experiments
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

@@ -41,11 +41,6 @@ def load_script(rel: str) -> ModuleType:
     return mod
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/NAME.py`` as a module (see :func:`load_script`)."""
-    return load_script(f"benchmarks/{name}.py")
-
-
 @contextlib.contextmanager
 def serving(app, tls: tuple[Path, Path] | None = None):
     """uvicorn serving ``app`` in a thread on a free loopback port (HTTPS with ``tls`` =

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from helpers import SHARED_DATA, SHIPPED_V2, TEST_DATA, load_benchmark, real_images
+from helpers import SHARED_DATA, SHIPPED_V2, TEST_DATA, load_script, real_images
 
 from bonefrac import InputError
 from bonefrac.cli.adapt import summary
@@ -23,7 +23,7 @@ def shift(tmp_path_factory):
     """A parent trained (64 px, one MobileNetV2) on 200 images without a single humerus
     fracture, adapted on 180 images of humerus fractures and unseen non-fractured images."""
     out = tmp_path_factory.mktemp("shift")
-    bench = load_benchmark("adapt_site")
+    bench = load_script("evaluations/adapt_site.py")
     return out, bench.shift_experiment(SHARED_DATA, out, size=64, n_base=200, n_site=180)
 
 

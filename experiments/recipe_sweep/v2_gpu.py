@@ -46,7 +46,7 @@ from bonefrac.utils import write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-# The round-4 CPU recipe (scripts/train_v2.sh) is each sweep run's base.
+# The round-4 CPU recipe (scripts/release/train_v2.sh) is each sweep run's base.
 RECIPE = ["--epochs-frozen", "0", "--epochs-finetune", "6", "--views", "6",
           "--lr-finetune", "2e-4", "--batch-size", "64"]
 CHECK = ["--size", "320", "--epochs-frozen", "1", "--epochs-finetune", "2", "--views", "2",

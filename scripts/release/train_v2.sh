@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The v2 CPU recipe, step 1: each v1 member warm-started at 320 px and fine-tuned with box
-# supervision (the data set's boxes.csv). Step 2, fitting and shipping: scripts/ship_v2.sh.
+# supervision (the data set's boxes.csv). Step 2, fitting and shipping: scripts/release/ship_v2.sh.
 # Usage:
-#   bash scripts/train_v2.sh DATA RUNS_DIR
+#   bash scripts/release/train_v2.sh DATA RUNS_DIR
 # RESIZE=letterbox trains with aspect-preserving letterbox inputs instead of stretch, and
 # LOC_WEIGHT=3 weights the fracture-map loss 3 instead of 1; the run folders are named after
 # both (runs/mobilenetv2_v2_320_letterbox_loc3); give ship_v2.sh the same. Which won on

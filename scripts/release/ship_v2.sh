@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Fit, export, evaluate and ship the v2 ensemble from the two runs scripts/train_v2.sh made.
+# Fit, export, evaluate and ship the v2 ensemble from the two runs scripts/release/train_v2.sh made.
 # Everything fitted (temperatures, fusion weights, threshold, operating points) comes from the
 # VALIDATION split; the test split is only reported. Usage:
-#   bash scripts/ship_v2.sh DATA RUNS_DIR
+#   bash scripts/release/ship_v2.sh DATA RUNS_DIR
 # RESIZE and LOC_WEIGHT pick the runs, as for train_v2.sh.
 set -euo pipefail
 DATA=${1:?data folder}; RUNS=${2:-runs}; SUFFIX=${RESIZE:+_$RESIZE}${LOC_WEIGHT:+_loc$LOC_WEIGHT}

@@ -1,14 +1,14 @@
 """`bonefrac adapt` on site folders built from the canonical data set; prints JSON.
 
     # time a 300-image site adapted from the shipped v2 ensemble (the README's measurement)
-    python benchmarks/adapt_site.py --data ../shared/data/bone-fracture timing --out /tmp/site
+    python evaluations/adapt_site.py --data ../shared/data/bone-fracture timing --out /tmp/site
     # the site-shift experiment of tests/test_adapt.py: a parent trained without one body
     # region, adapted on that region's images
-    python benchmarks/adapt_site.py --data ../shared/data/bone-fracture shift --out /tmp/shift
+    python evaluations/adapt_site.py --data ../shared/data/bone-fracture shift --out /tmp/shift
     # the adapt recipe by cross-validation on a labelled site ONLY (its images are never a
     # base model's training data): per fold, adapt on the other folds (80/20 train/val) and
     # score the held-out fold; the canonical test split before / after measures forgetting
-    python benchmarks/adapt_site.py --data ../shared/data/bone-fracture cv \
+    python evaluations/adapt_site.py --data ../shared/data/bone-fracture cv \
         --site ../shared/data/fracatlas-site --out /tmp/cv --folds 3 --recipes recal,ft,ft-light
 
 Site folders hold copies of the files (``fractured/``, ``non_fractured/``), a ``manifest.csv``

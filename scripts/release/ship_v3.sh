@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Fit, export, evaluate and ship the v3 ensemble: the detector member scripts/train_v3.sh made
+# Fit, export, evaluate and ship the v3 ensemble: the detector member scripts/release/train_v3.sh made
 # and v2's EfficientNet-Lite0 member, unchanged (its files are referenced from the v2 folder,
 # not copied: weights are stored once). Everything fitted (temperatures, fusion weights,
 # thresholds, operating points, the box threshold, the domain gate) comes from the VALIDATION
 # split; the test split is only reported. Usage:
-#   bash scripts/ship_v3.sh DATA RUNS_DIR
+#   bash scripts/release/ship_v3.sh DATA RUNS_DIR
 set -euo pipefail
 DATA=${1:?data folder}; RUNS=${2:-runs}
 BF=${BONEFRAC:-bonefrac}; PY=${PYTHON:-python}

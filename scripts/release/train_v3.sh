@@ -2,8 +2,8 @@
 # The v3 CPU recipe, step 1: v2's MobileNetV2 member warm-started at 384 px (letterbox) with an
 # FCOS-style detection head on its stride 8/16/32 feature maps, trained jointly with the
 # classifier and the fracture map against the data set's boxes.csv; the epoch kept is the best
-# validation AP@0.5. Step 2, fitting and shipping: scripts/ship_v3.sh. Usage:
-#   bash scripts/train_v3.sh DATA RUNS_DIR        (RESUME=1 continues an interrupted run)
+# validation AP@0.5. Step 2, fitting and shipping: scripts/release/ship_v3.sh. Usage:
+#   bash scripts/release/train_v3.sh DATA RUNS_DIR        (RESUME=1 continues an interrupted run)
 set -euo pipefail
 DATA=${1:?data folder}; RUNS=${2:-runs}
 BF=${BONEFRAC:-bonefrac}
