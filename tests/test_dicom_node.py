@@ -3,7 +3,7 @@ started here with their own config, ports and storage) and pynetdicom peers on l
 real radiographs from tests/data converted to DX DICOM; every result object checked by
 dicom3tools' dciodvfy (and the GSPS by dcmtk's dcmpschk).
 
-Needs ``scripts/install_orthanc.sh`` (orthanc, orthanc-dicomweb, dcmtk, dicom3tools); without
+Needs ``scripts/ci/install_orthanc.sh`` (orthanc, orthanc-dicomweb, dcmtk, dicom3tools); without
 it the tests that need them are skipped, except under CI (CI=true), where they fail.
 """
 
@@ -66,8 +66,8 @@ def need(what: dict[str, bool]) -> None:
     missing = ", ".join(n for n, ok in what.items() if not ok)
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"{missing} not installed: scripts/install_orthanc.sh must run first")
-        pytest.skip(f"{missing} not installed (run scripts/install_orthanc.sh)")
+            pytest.fail(f"{missing} not installed: scripts/ci/install_orthanc.sh must run first")
+        pytest.skip(f"{missing} not installed (run scripts/ci/install_orthanc.sh)")
 
 
 def need_validators() -> None:
