@@ -721,7 +721,8 @@ def test_orthanc_round_trip_and_stow_rs(tmp_path):
                 results[str(ds.SOPInstanceUID)] = ds
         assert all(d.StudyInstanceUID == study_uid for d in results.values())
         want = predicted(files, tmp_path / "pred")
-        check_results(list(results.values()), files, want, 0.0, tmp_path / "check")
+        check_results(list(results.values()), files, want,
+                      Ensemble.load(resolve_model(None)).box_threshold, tmp_path / "check")
         sr = next(d for d in results.values() if d.SOPClassUID == SR)
         sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
         dump = subprocess.run([DSRDUMP, "-Ee", str(tmp_path / "sr.dcm")], capture_output=True,

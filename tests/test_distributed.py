@@ -107,15 +107,19 @@ def test_matches_single_process_run(runs):
                                                       ("finetune", 2)]
     assert [(h["stage"], h["epoch"], h["accuracy"], h["val_accuracy"]) for h in ha] == \
         [(h["stage"], h["epoch"], h["accuracy"], h["val_accuracy"]) for h in hb]
+    # the losses follow the weights: observed 3.4e-5 relative on the last val_loss with this
+    # stack (the same at 358f0d2, so not a code change); a wrong loss split moves them by %
     for key in ("loss", "val_loss", "val_auc"):
-        np.testing.assert_allclose([h[key] for h in hb], [h[key] for h in ha], rtol=1e-5,
+        np.testing.assert_allclose([h[key] for h in hb], [h[key] for h in ha], rtol=1e-4,
                                    err_msg=key)
     assert min(hb, key=lambda h: h["val_loss"])["stage"] == "finetune"  # fine-tuned weights
     a = load_file(str(runs["single"] / "model.safetensors"))
     b = load_file(str(runs["ddp"] / "model.safetensors"))
     assert a.keys() == b.keys()
     diff = np.concatenate([np.abs(a[k].astype(np.float64) - b[k]).ravel() for k in a])
-    assert np.mean(diff > 1e-6) < 1e-4, np.mean(diff > 1e-6)
+    # observed with this stack (onnxruntime 1.32, numpy 2.4; the same at 358f0d2): 1.2% of the
+    # weights beyond 1e-6, all within 5e-4; a wrong loss split moves nearly every weight
+    assert np.mean(diff > 1e-6) < 0.05, np.mean(diff > 1e-6)
     assert diff.max() < 5e-4, diff.max()
 
 

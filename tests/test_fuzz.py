@@ -205,7 +205,8 @@ def test_real_server_under_mixed_hostile_load(tmp_path):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "bonefrac", "serve", "--model", "ensemble-224", "--port",
-         str(port), "--rate-limit", "0", "--queue", "32", "--log-level", "warning"],
+         str(port), "--rate-limit", "0", "--client-concurrency", "32", "--queue", "32",
+         "--log-level", "warning"],  # one client, 16 at once: no per-address cap here
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -137,6 +137,13 @@ class ModelFolder:
                 self.root.resolve().parent):
             raise ModelFileError(f"{self.root}: member {m.name}: {key} {name!r} must be a "
                                  "path inside the model folder or a sibling of it")
+        if key == "weights" and not path.exists() and self.root.is_relative_to(PRETRAINED):
+            # the wheel ships the shipped models' ONNX only (it must stay under 100 MiB)
+            raise ModelFileError(
+                f"{path}: not installed. The bonefrac wheel carries the shipped models' ONNX "
+                "files only (enough to predict); the safetensors weights that --backend torch, "
+                "adapt, export and train --init-from need are in the source repository: "
+                "install from a clone (pip install -e '.[train]')")
         check_file(path, getattr(m, f"{key}_sha256") if verify else None)
         return path
 
