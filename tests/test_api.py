@@ -133,6 +133,15 @@ def test_load_accepts_short_names_and_folders():
     assert bonefrac.inference.Ensemble.load("baseline").model_id.startswith("mobilenetv2")
 
 
+def test_load_of_a_mistyped_name_says_it_does_not_exist_and_lists_the_names():
+    from bonefrac.inference.model_folder import ModelFileError
+
+    with pytest.raises(ModelFileError, match=r"^ensembel does not exist; give a model folder "
+                       r"or a shipped model name \(ensemble, ensemble-v2, ensemble-224, "
+                       r"baseline\)$"):
+        bonefrac.load("ensembel")
+
+
 def test_cli_operating_point_column_and_json(tmp_path):
     meta = json.loads((SHIPPED_V3 / "ensemble_meta.json").read_text())  # the default model
     t = meta["operating_points"]["confirmation"]["threshold"]

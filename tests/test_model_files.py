@@ -151,6 +151,9 @@ def test_model_folder_tells_the_two_layouts_apart(tmp_path):
     assert (ens.kind, run.kind) == (ENSEMBLE, RUN) and run.is_run and not ens.is_run
     assert [m["name"] for m in run.members] == ["mobilenetv2"]  # a one-member ensemble meta
     assert model_kind(tmp_path / "empty") is None
+    with pytest.raises(ModelFileError, match="empty does not exist"):
+        ModelFolder.open(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFileError, match="not a bonefrac model folder"):
         ModelFolder.open(tmp_path / "empty")
 

@@ -106,9 +106,13 @@ class ModelFolder:
         if it is not a model folder or its meta file is unreadable or malformed."""
         root = resolve_model(path)
         kind = model_kind(root)
+        names = ", ".join(k for k in SHORT_NAMES if not k.endswith(("-v1", "-v3")))
+        if not root.exists():  # a typo of a short name, or a folder that is not there
+            raise ModelFileError(f"{root} does not exist; give a model folder or a shipped "
+                                 f"model name ({names})")
         if kind is None:
             raise ModelFileError(f"{root}: no {META_NAME} or {RUN_META} - not a bonefrac model "
-                                 "folder")
+                                 f"folder (shipped model names: {names})")
         spec = ModelSpec.read(root)
         return cls(root, kind, spec, spec.to_dict())
 
