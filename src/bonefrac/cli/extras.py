@@ -18,8 +18,8 @@ from bonefrac.data.limits import DICOM_SUFFIXES
 # extra (pyproject.toml [project.optional-dependencies]) -> import names that prove it is there
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "torchvision", "timm", "safetensors", "onnx", "onnxscript", "sklearn",
-              "matplotlib"),
-    "eval": ("sklearn", "matplotlib"),
+              "matplotlib", "pycocotools"),
+    "eval": ("sklearn", "matplotlib", "pycocotools"),
     "serve": ("fastapi", "uvicorn", "python_multipart"),
     "dicom": ("pydicom",),
     "dicom-node": ("pydicom", "pynetdicom", "highdicom"),
