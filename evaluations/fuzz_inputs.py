@@ -37,7 +37,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -185,12 +184,7 @@ def serve(files: list[Path], model: str, concurrency: int = 16) -> dict:
         rss1 = _rss_mib(proc.pid)
         alive = proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        fuzzing.stop_server(proc)
     return {"uploads": len(files), "concurrency": concurrency, "wall_s": round(wall, 1),
             "status_counts": {str(k): v for k, v in sorted(codes.items())},
             "http_500": codes.get(500, 0), "server_alive_after": alive,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from bonefrac.testing.fuzzing import (
     HealthWatch,
     bomb_files,
     seed_files,
+    stop_server,
     wait_healthy,
     write_bombs,
     write_mutants,
@@ -239,12 +239,7 @@ def test_real_server_under_mixed_hostile_load(tmp_path):
         assert after <= baseline * 1.10 + 20, (baseline, after)
         assert workers  # the decode workers are the server's children ...
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     assert server.returncode == 0, server.stderr.read()[-2000:]
     deadline = time.monotonic() + 10  # ... and they end with it
     while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:

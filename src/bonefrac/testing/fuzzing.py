@@ -413,6 +413,19 @@ def write_bombs(folder: Path, data: Path) -> list[Path]:
     return _write_all(folder, bomb_files(data))
 
 
+def stop_server(proc, timeout: float = 30) -> None:
+    """Stop a server subprocess as Ctrl-C would (SIGINT), killing it after ``timeout`` s."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_healthy(base: str, proc, timeout: float) -> bool:
     """Poll ``base/healthz`` until it answers 200 (True), or ``proc`` exits or ``timeout`` s
     pass (False)."""
