@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +69,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as f:
         f.write(text)
+
+
+def write_csv(path: str | os.PathLike, fields: Sequence[str], rows: Iterable[Mapping]) -> None:
+    """A CSV with header ``fields`` and one line per row (keys outside ``fields`` left out),
+    written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bonefrac import InputError
+from bonefrac.inference.detect import box_iou as pairwise_iou
 from bonefrac.inference.localise import LOC_SIZE, upsample
 
 TOLERANCE = 15 / 224  # pointing-game tolerance, fractions of width/height
@@ -111,12 +112,7 @@ def random_pointing_rate(gt_boxes: Sequence[np.ndarray], tol: float = TOLERANCE)
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU ``(k,)`` of one box ``(4,)`` with each of ``boxes`` ``(k, 4)``; 0 where the union
     has no area."""
-    a, b = np.asarray(box, np.float64).reshape(4), as_boxes(boxes)
-    iw = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return pairwise_iou(np.asarray(box, np.float64).reshape(1, 4), as_boxes(boxes))[0]
 
 
 def best_iou(pred_boxes: np.ndarray, gt_boxes: Sequence[np.ndarray]) -> np.ndarray:

@@ -17,9 +17,7 @@ reproduce the rows of a plain run exactly.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 from collections import deque
@@ -56,7 +54,7 @@ from bonefrac.inference.ensemble import Ensemble, Prediction
 from bonefrac.inference.localise import Localisation
 from bonefrac.inference.operating_points import DEFAULT_POINT  # noqa: F401 (re-exported)
 from bonefrac.inference.runners import default_threads
-from bonefrac.utils import display_path, write_json, write_text
+from bonefrac.utils import display_path, write_csv, write_json
 
 # Prediction also tries files without a suffix: DICOM exports often have none.
 PREDICT_SUFFIXES = IMAGE_SUFFIXES | {""}
@@ -459,22 +457,10 @@ def write_outputs(out: Path, res: PredictResult, model: Ensemble | dict, *, comp
     info = model_info(model) if isinstance(model, Ensemble) else model
     fields = ([k for k in res.rows[0] if k != "detections"] if res.rows
               else ["file", "prob_fractured", "decision"])
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(res.rows)
-    write_text(out / "predictions.csv", buf.getvalue())
+    write_csv(out / "predictions.csv", fields, res.rows)
     write_schema(out, fields)  # the column guide beside the CSV
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["file", "reason"], extrasaction="ignore")
-    w.writeheader()
-    w.writerows(res.errors)
-    write_text(out / "errors.csv", buf.getvalue())
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(DETECTION_COLUMNS), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(detection_rows(res.rows))
-    write_text(out / "detections.csv", buf.getvalue())
+    write_csv(out / "errors.csv", ["file", "reason"], res.errors)
+    write_csv(out / "detections.csv", DETECTION_COLUMNS, detection_rows(res.rows))
     # The JSON last: a reader (``--resume``, merging) trusts it only once it is complete.
     write_json(out / "predictions.json", {
         "format": FORMAT, **info, "disclaimer": DISCLAIMER, "complete": complete, **extra,

@@ -19,14 +19,12 @@ Used by ``bonefrac predict --by-study`` and by the DICOM node (one rule in one p
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from bonefrac import CLASSES, DISCLAIMER, InputError
-from bonefrac.utils import display_path, write_json, write_text
+from bonefrac.utils import display_path, write_csv, write_json
 
 RULE = "max over images"
 STUDY_FORMAT = "bonefrac-studies/1"
@@ -136,10 +134,6 @@ def write_studies(out: Path, studies: Sequence[Mapping], info: Mapping) -> None:
     """``studies.csv`` and ``studies.json`` (rows + model header + rule), each atomically."""
     fields = list(studies[0]) if studies else ["study_instance_uid", "n_images",
                                                "prob_fractured", "decision"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(studies)
-    write_text(Path(out) / "studies.csv", buf.getvalue())
+    write_csv(Path(out) / "studies.csv", fields, studies)
     write_json(Path(out) / "studies.json", {"format": STUDY_FORMAT, **info, "rule": RULE,
                                             "disclaimer": DISCLAIMER, "studies": list(studies)})

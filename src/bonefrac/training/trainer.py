@@ -51,7 +51,7 @@ from bonefrac.training.augment import augment_batch, augment_with_boxes, train_a
 from bonefrac.training.config import TrainConfig
 from bonefrac.training.detect_loss import DetectionLoss
 from bonefrac.training.distributed import Dist, setup
-from bonefrac.utils import cache_dir, publish, write_json
+from bonefrac.utils import cache_dir, publish, write_csv, write_json
 
 
 def seed_everything(seed: int) -> None:
@@ -612,18 +612,9 @@ def _freeze_bn(model: nn.Module) -> None:
 
 
 def _write_history(run: Path, history: list[dict]) -> None:
-    import csv
-    import io
-
     write_json(run / "history.json", history)
-    buf = io.StringIO()
     # Every key of every row: stages log different extras (loc_loss only while fine-tuning).
-    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for h in history for k in h)))
-    w.writeheader()
-    w.writerows(history)
-    from bonefrac.utils import write_text
-
-    write_text(run / "history.csv", buf.getvalue())
+    write_csv(run / "history.csv", list(dict.fromkeys(k for h in history for k in h)), history)
 
 
 def _forward_with_det(model: FractureNet, start: int, x: torch.Tensor
